@@ -1,0 +1,2 @@
+"""VipLlava (ViP-LLaVA) in JAX/Flax."""
+__version__ = "0.1.0"
