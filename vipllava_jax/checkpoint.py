@@ -1,0 +1,168 @@
+"""`load_pretrained` (HF directory, hub id or converted orbax directory) and orbax save/restore.
+
+An orbax directory holds ``config.json`` (the HF config plus a ``vipllava_jax`` entry with the layout)
+and ``params/`` (an orbax StandardCheckpointer tree), plus the tokenizer files copied from the HF directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax
+
+from .convert import abstract_params, copy_tokenizer_files, flat_paths, load_hf_params, read_hf_config
+from .hf_io import CheckpointError
+from .sharding import tree_shardings
+from .vipllava import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+FORMAT_KEY = "vipllava_jax"
+
+
+def is_orbax_dir(path) -> bool:
+    p = Path(path)
+    if not (p / "config.json").exists() or not (p / "params").is_dir():
+        return False
+    with open(p / "config.json") as f:
+        return FORMAT_KEY in json.load(f)
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local directory, or a hub id (``llava-hf/vip-llava-7b-hf``) downloaded where a network exists."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path)
+    if p.exists():
+        raise CheckpointError(f"{s} is a file; give the model directory")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", s) and not s.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
+            raise CheckpointError(f"{s} is not a local directory and could not be fetched from the hub "
+                                  f"({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"Model directory {s} does not exist")
+
+
+def _stacked_path(path: str) -> tuple[str, int] | None:
+    m = re.search(r"/layers_(\d+)/", path)
+    return (path[:m.start()] + "/layers/" + path[m.end():], int(m.group(1))) if m else None
+
+
+def relayout(params: dict, scan_layers: bool) -> dict:
+    """Stack per-layer params (layers_i) into scanned form ("layers", leading axis L), or the reverse."""
+    flat = flat_paths(params)
+    out = {}
+    if scan_layers:
+        groups: dict[str, dict[int, jax.Array]] = {}
+        for p, v in flat.items():
+            sp = _stacked_path(p)
+            if sp is None:
+                out[p] = v
+            else:
+                groups.setdefault(sp[0], {})[sp[1]] = v
+        for p, layers in groups.items():
+            out[p] = jnp.stack([layers[i] for i in range(len(layers))])
+    else:
+        for p, v in flat.items():
+            m = re.search(r"/layers/", p)
+            if m is None:
+                out[p] = v
+            else:
+                for i in range(v.shape[0]):
+                    out[p[:m.start()] + f"/layers_{i}/" + p[m.end():]] = v[i]
+    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def param_shardings(config: VipLlavaConfig, mesh) -> dict[str, jax.sharding.Sharding]:
+    """Flax path -> NamedSharding, from the logical names on every parameter and the rules table."""
+    boxed = abstract_params(VipLlavaForConditionalGeneration(config))
+    return flat_paths(tree_shardings(boxed, mesh))
+
+
+def save_orbax(params: dict, config: VipLlavaConfig, out_dir, *, tokenizer_from=None, overwrite: bool = False) -> Path:
+    """Save params + config. Written to ``<out>.partial`` and renamed, so no half-written checkpoint remains."""
+    import orbax.checkpoint as ocp
+    out = Path(out_dir).absolute()
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists() and jax.process_index() == 0:
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / "params", params)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        cfg = config.to_hf()
+        cfg[FORMAT_KEY] = {"format": 1, "scan_layers": config.text.scan_layers,
+                           "dtypes": sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})}
+        with open(tmp / "config.json", "w") as f:
+            json.dump(cfg, f, indent=2)
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return out
+
+
+def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None) -> dict:
+    import orbax.checkpoint as ocp
+    path = Path(path).absolute()
+    with open(path / "config.json") as f:
+        saved_scan = json.load(f)[FORMAT_KEY].get("scan_layers", False)
+    saved_cfg = config.with_layout(scan_layers=saved_scan)
+    boxed = abstract_params(VipLlavaForConditionalGeneration(saved_cfg))
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path / "params")
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    saved_dtypes = {p: np.dtype(m.dtype) for p, m in flat_paths(tree).items()}
+    shard = flat_paths(tree_shardings(boxed, mesh)) if mesh is not None else {}
+    abstract = {}
+    for p, v in flat_paths(boxed).items():
+        v = v.value
+        if p not in saved_dtypes:
+            raise CheckpointError(f"{path}: orbax checkpoint has no parameter {p}")
+        sh = shard.get(p) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract[p] = jax.ShapeDtypeStruct(v.shape, dtype or saved_dtypes[p], sharding=sh)
+    extra = set(saved_dtypes) - set(abstract)
+    if extra:
+        raise CheckpointError(f"{path}: orbax checkpoint has parameters the config does not: {sorted(extra)[:5]}")
+    target = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in abstract.items()})
+    params = ckptr.restore(path / "params", target)
+    if saved_scan != config.text.scan_layers:
+        params = relayout(params, config.text.scan_layers)
+    return params
+
+
+def load_config(path) -> VipLlavaConfig:
+    return VipLlavaConfig.from_hf(read_hf_config(resolve_model_path(path)))
+
+
+def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = False, remat_policy: str = "none",
+                    progress: bool = True):
+    """Load a VipLlava model: ``(module, params)``.
+
+    path: an HF directory (config.json + safetensors / sharded index / pytorch_model.bin), a hub id where a
+    network exists, or a directory written by ``save_orbax`` / ``convert/hf_to_orbax.py``.
+    dtype: parameter and compute dtype (None keeps the checkpoint's dtype for the params and computes in fp32).
+    mesh: a jax.sharding.Mesh; each tensor then goes straight onto its shards.
+    """
+    p = resolve_model_path(path)
+    cfg = VipLlavaConfig.from_hf(read_hf_config(p), scan_layers=scan_layers, remat_policy=remat_policy)
+    module = VipLlavaForConditionalGeneration(cfg, dtype=jnp.float32 if dtype is None else dtype)
+    if is_orbax_dir(p):
+        params = restore_orbax(p, cfg, dtype=dtype, mesh=mesh)
+    else:
+        shardings = param_shardings(cfg, mesh) if mesh is not None else None
+        params = load_hf_params(p, cfg, dtype=dtype, shardings=shardings, progress=progress)
+    return module, params

@@ -1,0 +1,121 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Einsum letters: B batch, T query length, S key/value length, N query heads,
+K kv heads, G query heads per kv head (N = K * G), H head dim, D model dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+
+# HF activation names -> functions. Exactly the math of transformers.activations.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def check_activation(name: str, field: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unsupported activation {field}={name!r}; supported: {sorted(ACTIVATIONS)}")
+    return name
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def check_remat(policy: str) -> str:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat_policy {policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    return policy
+
+
+def logical(init, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, names: tuple[str, str], *, use_bias: bool, dtype, name: str) -> nn.Dense:
+    """A Dense whose kernel [in, out] and bias [out] carry logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=logical(nn.initializers.lecun_normal(), names),
+        bias_init=logical(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, axis_name: str, *, dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        scale_init=logical(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=logical(nn.initializers.zeros_init(), (axis_name,)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in fp32, cast back, then scale (HF's order)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", logical(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def _use_cudnn(q: Array, t: int) -> bool:
+    return (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and t > 1
+    )
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, impl: str = "auto") -> Array:
+    """Scaled dot-product attention with grouped kv heads.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S] (True = attend) or None.
+    Returns [B, T, N, H]. ``impl``: "auto" (cuDNN on GPU for bf16/fp16 prefill,
+    XLA otherwise), "cudnn" or "xla".
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    if impl == "cudnn" or (impl == "auto" and _use_cudnn(q, t)):
+        m = None if mask is None else mask[:, None, :, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, implementation="cudnn")
+    if impl not in ("auto", "xla"):
+        raise ValueError(f"Unknown attention impl {impl!r}")
+    g = n // kh
+    qg = q.reshape(b, t, kh, g, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        # A large finite value, not -inf: a fully masked row (a left-pad query)
+        # then gives a uniform row instead of NaN, as HF does.
+        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)

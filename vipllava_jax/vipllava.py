@@ -1,0 +1,203 @@
+"""VipLlava: CLIP vision tower + VipLlava projector + Llama decoder + lm_head.
+
+Einsum letters: B batch, T length, I images, P patches per image (CLS dropped),
+D text model dim, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from flax import struct
+
+from .layers import check_activation, dense
+from .llama import DecoderOutput, KVCache, LlamaConfig, LlamaModel
+from .projector import VipLlavaMultiModalProjector, select_vision_features
+from .vision import CLIPVisionConfig, CLIPVisionTransformer
+
+Array = jax.Array
+
+DEFAULT_FEATURE_LAYERS = (-2, -5, -8, -11, 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class VipLlavaConfig:
+    vision: CLIPVisionConfig = CLIPVisionConfig()
+    text: LlamaConfig = LlamaConfig()
+    image_token_index: int = 32000
+    projector_hidden_act: str = "gelu"
+    projector_layernorm_eps: float = 1e-5
+    vision_feature_layers: int | tuple[int, ...] = DEFAULT_FEATURE_LAYERS
+    image_seq_length: int = 576
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        check_activation(self.projector_hidden_act, "projector_hidden_act")
+        layers = self.vision_feature_layers
+        if isinstance(layers, list):
+            object.__setattr__(self, "vision_feature_layers", tuple(layers))
+            layers = self.vision_feature_layers
+        n = self.vision.num_hidden_layers + 1
+        for i in (layers,) if isinstance(layers, int) else layers:
+            if not -n <= i < n:
+                raise ValueError(f"vision_feature_layers entry {i} is out of range for a vision tower with {n} "
+                                 f"hidden states")
+
+    @property
+    def num_feature_layers(self) -> int:
+        return 1 if isinstance(self.vision_feature_layers, int) else len(self.vision_feature_layers)
+
+    @classmethod
+    def from_hf(cls, d: dict, *, scan_layers: bool = False, remat_policy: str = "none", **overrides) -> "VipLlavaConfig":
+        """Build from an HF ``config.json`` dict (transformers 4.x or 5.x). ``scan_layers``/``remat_policy``
+        apply to both towers."""
+        mt = d.get("model_type")
+        if mt != "vipllava":
+            arch = d.get("architectures")
+            raise ValueError(f"config.json describes model_type {mt!r} (architectures {arch}), not a VipLlava "
+                             f"checkpoint (model_type 'vipllava')")
+        layout = dict(scan_layers=scan_layers, remat_policy=remat_policy)
+        vision = CLIPVisionConfig.from_hf(d.get("vision_config") or {}, **layout)
+        text = LlamaConfig.from_hf(d.get("text_config") or {}, **layout)
+        kw: dict[str, Any] = {}
+        for f in ("image_token_index", "projector_hidden_act", "projector_layernorm_eps", "image_seq_length"):
+            if f in d:
+                kw[f] = d[f]
+        if "image_token_id" in d and "image_token_index" not in d:
+            kw["image_token_index"] = d["image_token_id"]
+        layers = d.get("vision_feature_layer", d.get("vision_feature_layers", DEFAULT_FEATURE_LAYERS))
+        kw["vision_feature_layers"] = layers if isinstance(layers, int) else tuple(layers)
+        tie = d.get("tie_word_embeddings")
+        kw["tie_word_embeddings"] = bool(text.tie_word_embeddings if tie is None else tie)
+        kw.update(overrides)
+        return cls(vision=vision, text=text, **kw)
+
+    def to_hf(self) -> dict:
+        layers = self.vision_feature_layers
+        return {
+            "architectures": ["VipLlavaForConditionalGeneration"],
+            "model_type": "vipllava",
+            "vision_config": self.vision.to_hf(),
+            "text_config": self.text.to_hf(),
+            "image_token_index": self.image_token_index,
+            "projector_hidden_act": self.projector_hidden_act,
+            "projector_layernorm_eps": self.projector_layernorm_eps,
+            "vision_feature_layer": layers if isinstance(layers, int) else list(layers),
+            "image_seq_length": self.image_seq_length,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+    def replace(self, **kw) -> "VipLlavaConfig":
+        return dataclasses.replace(self, **kw)
+
+    def with_layout(self, *, scan_layers: bool | None = None, remat_policy: str | None = None) -> "VipLlavaConfig":
+        kw = {k: v for k, v in dict(scan_layers=scan_layers, remat_policy=remat_policy).items() if v is not None}
+        return dataclasses.replace(self, vision=dataclasses.replace(self.vision, **kw),
+                                   text=dataclasses.replace(self.text, **kw))
+
+
+@struct.dataclass
+class VipLlavaOutput:
+    logits: Array  # [B, T, V]
+    cache: KVCache | None = None
+    image_features: Array | None = None  # [I, P, D] projector output
+    vision_hidden_states: Array | None = None  # [Lv+1, I, P+1, Dv]
+    hidden_states: Array | None = None  # [L+1, B, T, D]
+
+
+def image_token_mismatch(input_ids, num_images: int, image_token_index: int, image_seq_length: int) -> str | None:
+    """Host-side check (concrete ids only). Returns HF's error wording or None."""
+    n_tokens = int(np.sum(np.asarray(input_ids) == image_token_index))
+    n_features = num_images * image_seq_length
+    if n_tokens != n_features:
+        return (f"Image features and image tokens do not match, tokens: {n_tokens}, features: {n_features} "
+                f"({num_images} image(s) x {image_seq_length} tokens each; each <image> in the prompt must be "
+                f"expanded to image_seq_length={image_seq_length} tokens of id {image_token_index}, and "
+                f"pixel_values must hold one image per <image>)")
+    return None
+
+
+def default_positions(attention_mask: Array | None, b: int, t: int) -> Array:
+    """RoPE positions [B, T]: count only real tokens, so a left-padded row gets the positions it would have alone."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(pos, 0)
+
+
+class VipLlavaForConditionalGeneration(nn.Module):
+    config: VipLlavaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.vision_tower = CLIPVisionTransformer(c.vision, self.dtype)
+        self.multi_modal_projector = VipLlavaMultiModalProjector(
+            c.text.hidden_size, c.projector_layernorm_eps, c.projector_hidden_act, self.dtype)
+        self.language_model = LlamaModel(c.text, self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head")
+
+    def encode_images(self, pixel_values: Array) -> tuple[Array, Array]:
+        """pixel_values [I, C, H, W] -> (features [I, P, D], vision hidden states [Lv+1, I, P+1, Dv])."""
+        vis = self.vision_tower(pixel_values)
+        feats = select_vision_features(vis.hidden_states, self.config.vision_feature_layers)
+        return self.multi_modal_projector(feats), vis.hidden_states
+
+    def logits(self, h: Array) -> Array:
+        if self.config.tie_word_embeddings:
+            return self.language_model.attend(h)
+        return self.lm_head(h)
+
+    def __call__(self, input_ids: Array, pixel_values: Array | None = None, attention_mask: Array | None = None,
+                 *, position_ids: Array | None = None, cache: KVCache | None = None,
+                 image_features: Array | None = None, return_hidden_states: bool = False,
+                 last_token_only: bool = False) -> VipLlavaOutput:
+        """input_ids [B, T] with each image placeholder expanded to image_seq_length image tokens;
+        pixel_values [I, 3, H, W], the images in the order they appear in the batch (row-major);
+        attention_mask [B, T] (1 = token, 0 = padding; pad on the left).
+        ``image_features`` [I, P, D] may be given instead of pixel_values (already projected).
+        ``last_token_only`` computes logits for the last position only ([B, 1, V])."""
+        c = self.config
+        b, t = input_ids.shape
+        vision_hs = None
+        if pixel_values is not None:
+            if image_features is not None:
+                raise ValueError("Give pixel_values or image_features, not both")
+            image_features, vision_hs = self.encode_images(pixel_values)
+        embeds = self.language_model.embed(input_ids)
+        ok = None
+        if image_features is not None:
+            n_img = image_features.shape[0]
+            if not isinstance(input_ids, jax.core.Tracer):
+                err = image_token_mismatch(input_ids, n_img, c.image_token_index, image_features.shape[1])
+                if err:
+                    raise ValueError(err)
+            embeds, ok = merge_image_features(embeds, input_ids, image_features, c.image_token_index)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, b, t)
+        out: DecoderOutput = self.language_model(embeds, position_ids, attention_mask, cache, return_hidden_states)
+        h = out.last_hidden_state[:, -1:] if last_token_only else out.last_hidden_state
+        logits = self.logits(h)
+        if ok is not None:
+            # Under jit the count can't be checked on the host: poison the output rather than be silently wrong.
+            logits = jnp.where(ok, logits, jnp.nan)
+        return VipLlavaOutput(logits=logits, cache=out.cache, image_features=image_features,
+                              vision_hidden_states=vision_hs, hidden_states=out.hidden_states)
+
+
+def merge_image_features(embeds: Array, input_ids: Array, features: Array, image_token: int) -> tuple[Array, Array]:
+    """Put features [I, P, D] into the image-token positions of embeds [B, T, D], in row-major order
+    (HF's masked_scatter). Returns (embeds, counts_match)."""
+    b, t, d = embeds.shape
+    is_img = (input_ids == image_token).reshape(-1)
+    flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
+    idx = jnp.cumsum(is_img.astype(jnp.int32)) - 1
+    gathered = jnp.take(flat, jnp.clip(idx, 0, flat.shape[0] - 1), axis=0)
+    merged = jnp.where(is_img[:, None], gathered, embeds.reshape(-1, d)).reshape(b, t, d)
+    ok = jnp.sum(is_img) == flat.shape[0]
+    return merged, ok

@@ -1,0 +1,194 @@
+"""CLIP ViT vision tower that keeps every hidden state.
+
+Einsum letters: B images, P patches (+1 for CLS), D width, N heads, H head dim.
+Hidden state 0 is the embedding output after the pre-layernorm, then one per layer,
+exactly as HF's ``CLIPVisionModel(output_hidden_states=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from .layers import ACTIVATIONS, REMAT_POLICIES, attention, check_activation, check_remat, dense, layer_norm, logical
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768  # unused by VipLlava; kept so the config round-trips
+    # Not HF fields: how the JAX module is laid out.
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        check_activation(self.hidden_act, "vision_config.hidden_act")
+        check_remat(self.remat_policy)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"vision_config.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision_config.image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    _HF_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "projection_dim")
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides) -> "CLIPVisionConfig":
+        mt = d.get("model_type", "clip_vision_model")
+        if mt == "clip" and "vision_config" in d:  # a full CLIP config: take its vision half
+            d = d["vision_config"]
+        elif mt not in ("clip_vision_model",):
+            raise ValueError(f"vision_config has model_type {mt!r}; only CLIP vision towers ('clip_vision_model') are supported")
+        kw = {f: d[f] for f in cls._HF_FIELDS if f in d}
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        out = {f: getattr(self, f) for f in self._HF_FIELDS}
+        out["model_type"] = "clip_vision_model"
+        return out
+
+
+@struct.dataclass
+class VisionOutput:
+    hidden_states: Array  # [L+1, B, P+1, D]: index 0 = embeddings after pre-layernorm
+    pooled: Array  # [B, D]: post_layernorm(CLS of the last layer), as HF's pooler_output
+
+
+class CLIPEmbeddings(nn.Module):
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: Array) -> Array:
+        """pixel_values [B, C, H, W] (HF layout) -> [B, P+1, D]."""
+        c = self.config
+        p, d = c.patch_size, c.hidden_size
+        b, ch, hh, ww = pixel_values.shape
+        if (ch, hh, ww) != (c.num_channels, c.image_size, c.image_size):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected [num_images, {c.num_channels}, "
+                f"{c.image_size}, {c.image_size}]")
+        # Same layout as a flax Conv kernel: [p, p, C, D].
+        kernel = self.param("patch_embedding", logical(nn.initializers.lecun_normal(), ("vis_patch", "vis_patch", None, "vis_embed")),
+                            (p, p, c.num_channels, d))
+        x = pixel_values.astype(self.dtype)
+        g = hh // p
+        x = x.reshape(b, ch, g, p, g, p)  # b c gy py gx px
+        patches = jnp.einsum("bcypxq,pqcd->byxd", x, kernel.astype(self.dtype)).reshape(b, g * g, d)
+        cls = self.param("class_embedding", logical(nn.initializers.normal(0.02), ("vis_embed",)), (d,))
+        pos = self.param("position_embedding", logical(nn.initializers.normal(0.02), ("vis_pos", "vis_embed")),
+                         (c.num_patches + 1, d))
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d))
+        return jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)[None]
+
+
+class CLIPAttention(nn.Module):
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        n, h, d = c.num_attention_heads, c.head_dim, c.hidden_size
+        b, t, _ = x.shape
+        proj = lambda name: dense(d, ("vis_embed", "vis_heads"), use_bias=True, dtype=self.dtype, name=name)
+        q = proj("q_proj")(x).reshape(b, t, n, h)
+        k = proj("k_proj")(x).reshape(b, t, n, h)
+        v = proj("v_proj")(x).reshape(b, t, n, h)
+        o = attention(q, k, v, None, h**-0.5).reshape(b, t, d)
+        return dense(d, ("vis_heads", "vis_embed"), use_bias=True, dtype=self.dtype, name="out_proj")(o)
+
+
+class CLIPMLP(nn.Module):
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        x = dense(c.intermediate_size, ("vis_embed", "vis_mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
+        x = ACTIVATIONS[c.hidden_act](x)
+        return dense(c.hidden_size, ("vis_mlp", "vis_embed"), use_bias=True, dtype=self.dtype, name="fc2")(x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, _=None):
+        c = self.config
+        ln = lambda name: layer_norm(c.layer_norm_eps, "vis_embed", dtype=self.dtype, name=name)
+        x = x + CLIPAttention(c, self.dtype, name="self_attn")(ln("layer_norm1")(x))
+        x = x + CLIPMLP(c, self.dtype, name="mlp")(ln("layer_norm2")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, x  # (carry, per-layer output) so the same layer works under nn.scan
+
+
+class CLIPEncoder(nn.Module):
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x [B, P+1, D] -> hidden states [L, B, P+1, D], one per layer."""
+        c = self.config
+        layer_cls = CLIPEncoderLayer
+        policy = REMAT_POLICIES[c.remat_policy]
+        if c.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                              length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            _, hs = scanned(c, self.dtype, name="layers")(x, None)
+            return hs
+        hs = []
+        for i in range(c.num_hidden_layers):
+            x, _ = layer_cls(c, self.dtype, name=f"layers_{i}")(x)
+            hs.append(x)
+        return jnp.stack(hs)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """HF ``CLIPVisionTransformer``; param names follow HF's (``pre_layrnorm`` included)."""
+
+    config: CLIPVisionConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: Array) -> VisionOutput:
+        c = self.config
+        ln = lambda name: layer_norm(c.layer_norm_eps, "vis_embed", dtype=self.dtype, name=name)
+        x = CLIPEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
+        x = ln("pre_layrnorm")(x)
+        hs = CLIPEncoder(c, self.dtype, name="encoder")(x)
+        hidden_states = jnp.concatenate([x[None], hs], axis=0)
+        # post_layernorm is unused by VipLlava but is part of the checkpoint; computing the
+        # pooled output keeps it in the parameter tree (XLA drops it when unused).
+        pooled = ln("post_layernorm")(hs[-1][:, 0])
+        return VisionOutput(hidden_states=hidden_states, pooled=pooled)
