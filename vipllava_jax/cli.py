@@ -1,0 +1,28 @@
+"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import cli_convert, cli_demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vipllava-jax", description="VipLlava (ViP-LLaVA) in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+    cli_demo.register(sub)
+    cli_convert.register(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"vipllava-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

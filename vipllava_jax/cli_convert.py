@@ -1,0 +1,33 @@
+"""``vipllava-jax convert``: HF directory -> orbax directory (and back with --to-hf)."""
+from __future__ import annotations
+
+import argparse
+
+DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert an HF VipLlava checkpoint to an orbax directory (or back)")
+    p.add_argument("src", help="HF model directory or hub id (or an orbax directory with --to-hf)")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="parameter dtype (default: keep the checkpoint's)")
+    p.add_argument("--scan-layers", action="store_true", help="store layers stacked for nn.scan (training layout)")
+    p.add_argument("--to-hf", action="store_true", help="write an HF safetensors directory instead")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    from .checkpoint import load_pretrained, resolve_model_path, save_orbax
+    from .convert import save_hf
+    dtype = DTYPES[args.dtype]
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    src = resolve_model_path(args.src)
+    module, params = load_pretrained(src, dtype=dtype, scan_layers=args.scan_layers and not args.to_hf)
+    if args.to_hf:
+        out = save_hf(params, module.config, args.out, extra_files_from=src)
+    else:
+        out = save_orbax(params, module.config, args.out, tokenizer_from=src, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
