@@ -132,7 +132,7 @@ def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None) -> dic
         v = v.value
         if p not in saved_dtypes:
             raise CheckpointError(f"{path}: orbax checkpoint has no parameter {p}")
-        sh = shard.get(p) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sh = shard.get(p) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract[p] = jax.ShapeDtypeStruct(v.shape, dtype or saved_dtypes[p], sharding=sh)
     extra = set(saved_dtypes) - set(abstract)
     if extra:
@@ -141,6 +141,8 @@ def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None) -> dic
     params = ckptr.restore(path / "params", target)
     if saved_scan != config.text.scan_layers:
         params = relayout(params, config.text.scan_layers)
+        if mesh is not None:  # stacking/unstacking leaves arbitrary shardings: put them back on the rules'
+            params = jax.device_put(params, tree_shardings(abstract_params(VipLlavaForConditionalGeneration(config)), mesh))
     return params
 
 

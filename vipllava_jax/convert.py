@@ -280,6 +280,17 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
             out[path] = jax.make_array_from_callback(
                 arr.shape, sh, lambda idx: np.asarray(arr[idx], dtype=target_dtype))
 
+    lazy_stacks: dict[str, dict[int, np.ndarray]] = {}
+
+    def place_stacked(path, layers):
+        target_dtype = dtype or layers[0].dtype
+        shape = (len(layers),) + tuple(layers[0].shape)
+
+        def read(idx):
+            rest = tuple(idx[1:])
+            return np.stack([np.asarray(layers[i][rest], dtype=target_dtype) for i in range(len(layers))[idx[0]]])
+        out[path] = jax.make_array_from_callback(shape, shardings[path], read)
+
     for key in keys:
         if key not in plan:
             continue
@@ -287,6 +298,14 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
         arr = tgt.transform(ckpt.get(key))
         if tgt.layer is None:
             place(tgt.path, arr)
+        elif shardings is not None and shardings.get(tgt.path) is not None:
+            # Sharded and scanned: keep each layer's lazy view and stack only the slices this process's
+            # devices hold, so no host ever materialises the whole stacked tensor.
+            views = lazy_stacks.setdefault(tgt.path, {})
+            views[tgt.layer] = arr
+            if len(views) == targets[tgt.path][0]:
+                place_stacked(tgt.path, [views[i] for i in range(len(views))])
+                del lazy_stacks[tgt.path]
         else:
             if tgt.path not in stacks:
                 stacks[tgt.path] = (np.empty(targets[tgt.path], dtype or arr.dtype), set())
