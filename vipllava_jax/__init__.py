@@ -7,4 +7,5 @@ from .projector import VipLlavaMultiModalProjector
 from .vipllava import VipLlavaConfig, VipLlavaForConditionalGeneration, VipLlavaOutput
 from .checkpoint import load_pretrained, save_orbax, restore_orbax, load_config
 from .convert import load_hf_params, save_hf
-from .sharding import make_mesh
+from .sharding import make_mesh, sharded_forward
+from .plan import PRESETS, plan_memory

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cli_convert, cli_demo
+from . import cli_convert, cli_demo, cli_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     cli_demo.register(sub)
     cli_convert.register(sub)
+    cli_plan.register(sub)
     return ap
 
 

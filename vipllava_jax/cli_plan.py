@@ -1,0 +1,47 @@
+"""``vipllava-jax plan``: per-device memory for a mesh, from shapes alone (no devices, no checkpoint needed).
+
+    vipllava-jax plan --mesh "fsdp=8" --config 7b --batch 8 --seq-len 2048
+    vipllava-jax plan --mesh auto --devices 16 --config 13b --batch 16 --seq-len 4096 --device-memory 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="parameter / KV-cache / activation bytes per device for a mesh",
+                       description="Per-device memory for serving a batch on a mesh, computed from shapes "
+                                   "(jax.eval_shape) and the sharding rules; devices may be simulated.")
+    p.add_argument("--config", default="7b",
+                   help="preset (7b, 13b, tiny), or an HF/orbax model directory or config.json (default: 7b)")
+    p.add_argument("--mesh", default="auto",
+                   help='mesh spec, e.g. "fsdp=8" or "data=2,fsdp=2,tensor=2"; "auto" = all devices on fsdp')
+    p.add_argument("--devices", type=int, default=None,
+                   help="device count to plan for (default: the product of --mesh sizes; with --mesh auto: "
+                        "this machine's jax.device_count())")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (padded to a multiple of data x fsdp)")
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="tokens per sequence incl. image tokens and generated tokens (the KV-cache length)")
+    p.add_argument("--images", type=int, default=None, help="images per step (default: one per sequence)")
+    p.add_argument("--dtype", default="bfloat16", help="parameter/activation dtype (default bfloat16)")
+    p.add_argument("--cache-dtype", default=None, help="KV-cache dtype (default: --dtype)")
+    p.add_argument("--full-logits", action="store_true",
+                   help="count logits for every position (a forward/scoring pass), not just the last (generation)")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                   help="memory per device in GiB: say whether the plan fits")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .plan import plan_memory
+    n = args.devices
+    if n is None and (args.mesh or "auto").strip() == "auto":
+        import jax
+        n = jax.device_count()
+    mem = None if args.device_memory is None else int(args.device_memory * 2**30)
+    plan = plan_memory(args.config, args.mesh, args.batch, args.seq_len, args.dtype, cache_dtype=args.cache_dtype,
+                       num_images=args.images, n_devices=n, full_logits=args.full_logits, device_memory_bytes=mem)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    return 0
