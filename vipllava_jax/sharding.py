@@ -436,3 +436,15 @@ def sharded_forward(module, params, input_ids, pixel_values=None, attention_mask
         if n_pad:
             logits = logits[:b]
     return to_host(logits) if gather else logits
+
+
+def sharded_generate(module, params, input_ids, pixel_values=None, attention_mask=None, *, mesh: Mesh,
+                     max_new_tokens: int, pad_batch: bool = True, rules: Rules = LOGICAL_AXIS_RULES,
+                     gather: bool = False, **generate_kw):
+    """`generation.generate` on a mesh: params on the rules' shardings, inputs as global arrays split over
+    data x fsdp, traced inside the mesh and the rules so the model's constraints (KV cache included) apply."""
+    try:
+        from .generation import generate
+    except ImportError:
+        raise NotImplementedError("vipllava_jax.generation is not available yet") from None
+    raise NotImplementedError
