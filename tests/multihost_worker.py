@@ -88,6 +88,11 @@ def main():
                 results[f"{spec}|safetensors|tokens"] = np.asarray(toks)
             except NotImplementedError:
                 pass
+        if spec == MESHES[-1]:  # both processes write one orbax checkpoint of the params sharded across them
+            from jax.experimental import multihost_utils
+            from vipllava_jax import save_orbax
+            save_orbax(params, module.config, Path(args.out) / "saved_by_two")
+            multihost_utils.sync_global_devices("saved")
         module, params = load_pretrained(args.orbax, mesh=mesh)
         results[f"{spec}|orbax|logits"] = sharded_forward(module, params, ids, pixels, mask, mesh=mesh, gather=True)
     out = Path(args.out)

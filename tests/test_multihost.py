@@ -92,3 +92,25 @@ def test_two_processes_match_single_process(tmp_path):
                 assert rel_err(res[f"{spec}|{src}|logits"], ref) < 1e-5, (i, spec, src)
             if ref_tokens is not None:
                 np.testing.assert_array_equal(res[f"{spec}|safetensors|tokens"], ref_tokens)
+    # the checkpoint both processes wrote restores in one process to the same parameters
+    _, saved = load_pretrained(out / "saved_by_two")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_distributed_flags_and_single_process_noop(monkeypatch):
+    import argparse
+    from vipllava_jax import distributed
+    for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(v, raising=False)
+    ap = distributed.add_distributed_args(argparse.ArgumentParser())
+    a = ap.parse_args(["--coordinator", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3",
+                       "--local-device-ids", "0,1", "--mesh", "data=2,fsdp=2"])
+    assert (a.coordinator, a.num_processes, a.process_id, a.local_device_ids, a.mesh) == \
+        ("10.0.0.1:1234", 4, 3, [0, 1], "data=2,fsdp=2")
+    if distributed.cluster_detected() is None:
+        assert distributed.initialize_from_args(ap.parse_args([])) is False  # one process: nothing to do
+        with pytest.raises(ValueError, match="--coordinator HOST:PORT is required"):
+            distributed.initialize(num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match=r"--process-id 2 is out of range for --num-processes 2"):
+        distributed.initialize("localhost:1", num_processes=2, process_id=2)

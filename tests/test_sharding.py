@@ -291,6 +291,48 @@ def test_scanned_layers_load_sharded_from_safetensors(tiny, reference):
     assert rel_err(sharded_forward(module, params, ids, pixels, mask, mesh=mesh, gather=True), ref) < RTOL
 
 
+@pytest.mark.slow  # ~25 s of compiling on 2 cores
+@needs_devices
+def test_train_step_on_a_mesh(loaded, reference):
+    """A jitted Adam step with explicit shardings: gradients equal the unsharded ones, parameters and
+    optimizer state stay where the rules put them (donated buffers included)."""
+    import optax
+    from jax.sharding import NamedSharding
+    from vipllava_jax.sharding import io_sharding, jit_sharded, param_sharding_tree, put_global, shardings_like_params
+    mesh, module, params = loaded("fsdp=4,tensor=2")
+    _, ref_params, (ids, pixels, mask), _ = reference
+    opt = optax.adam(1e-3)
+
+    def loss_fn(p, ids, pixels, mask):
+        logits = module.apply({"params": p}, ids, pixels, mask).logits
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
+        return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+    def step(p, s, ids, pixels, mask):
+        loss, g = jax.value_and_grad(loss_fn)(p, ids, pixels, mask)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss, g
+
+    ps = param_sharding_tree(module.config, mesh)
+    ss = shardings_like_params(jax.eval_shape(opt.init, params), ps, mesh)
+    state = jax.jit(opt.init, out_shardings=ss)(params)
+    rep = NamedSharding(mesh, P())
+    f = jit_sharded(step, mesh, in_shardings=(ps, ss, io_sharding("input_ids", mesh), rep,
+                                              io_sharding("attention_mask", mesh)),
+                    out_shardings=(ps, ss, rep, ps), donate_argnums=(0, 1))
+    args = (put_global(ids, io_sharding("input_ids", mesh)), put_global(pixels, rep),
+            put_global(mask, io_sharding("attention_mask", mesh)))
+    new_p, new_s, loss, grads = f(jax.tree.map(jnp.copy, params), state, *args)
+    ref_loss, ref_g = jax.jit(jax.value_and_grad(loss_fn))(ref_params, ids, pixels, mask)
+    assert rel_err(loss, ref_loss) < RTOL
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert rel_err(flat(grads), flat(ref_g)) < RTOL
+    assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(new_p), jax.tree.leaves(ps)))
+    mu = new_s[0].mu
+    assert all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(mu), jax.tree.leaves(ps)))
+    assert new_s[0].count.sharding.is_fully_replicated
+
+
 def test_plan_cli_and_presets(capsys):
     from vipllava_jax.cli import main
     assert main(["plan", "--mesh", "fsdp=8", "--config", "7b", "--batch", "8", "--seq-len", "2048"]) == 0

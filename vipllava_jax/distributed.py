@@ -88,11 +88,18 @@ def _device_ids(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--local-device-ids wants comma-separated integers, got {s!r}") from None
 
 
-def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --coordinator, --num-processes, --process-id, --local-device-ids (a group) to a (sub)parser."""
+def add_distributed_args(parser: argparse.ArgumentParser, *, mesh: bool = True) -> argparse.ArgumentParser:
+    """Add --coordinator, --num-processes, --process-id, --local-device-ids and (mesh=True) --mesh, as an
+    argument group, to a (sub)parser. Then: `initialize_from_args(args)` first thing, `mesh_from_args(args,
+    config)` once the config is known."""
     g = parser.add_argument_group(
-        "multi-host", "Run the same command on every host. TPU pod slices, SLURM and MPI need none of these "
-                      "(detected automatically); elsewhere give all three.")
+        "devices and hosts", "Multi-host: run the same command on every host. TPU pod slices, SLURM and MPI "
+                             "need no flags (detected automatically); elsewhere give --coordinator, "
+                             "--num-processes and --process-id.")
+    if mesh:
+        g.add_argument("--mesh", default="auto",
+                       help='device mesh over all devices of all hosts, e.g. "data=2,fsdp=2,tensor=2"; sizes '
+                            'must multiply to the device count. "auto" (default): every device on fsdp')
     g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                    help="address of process 0's coordinator service, the same on every process")
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="total number of processes")
@@ -106,6 +113,12 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
     """Call `initialize` with the flags `add_distributed_args` added. Call it before any JAX device use."""
     return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                       getattr(args, "process_id", None), getattr(args, "local_device_ids", None))
+
+
+def mesh_from_args(args: argparse.Namespace, config=None):
+    """The Mesh for --mesh over every process's devices, checked against the model config."""
+    from .sharding import make_mesh
+    return make_mesh(getattr(args, "mesh", None) or "auto", config)
 
 
 def is_main_process() -> bool:

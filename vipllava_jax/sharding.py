@@ -385,6 +385,46 @@ def mesh_context(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> _MeshContext:
 
 
 # --- jitted, sharded entry points -------------------------------------------------------------------------------
+class ShardedJit:
+    """``jax.jit`` with explicit in/out shardings whose calls (and lowering) run inside the mesh and the
+    logical-axis rules, so ``nn.with_logical_constraint`` inside the traced function takes effect."""
+
+    def __init__(self, fn, mesh: Mesh, in_shardings, out_shardings, rules: Rules = LOGICAL_AXIS_RULES, **jit_kw):
+        self.mesh, self.rules = mesh, tuple(rules)
+        self._jit = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **jit_kw)
+
+    def __call__(self, *args, **kw):
+        with mesh_context(self.mesh, self.rules):
+            return self._jit(*args, **kw)
+
+    def lower(self, *args, **kw):
+        with mesh_context(self.mesh, self.rules):
+            return self._jit.lower(*args, **kw)
+
+
+def jit_sharded(fn, mesh: Mesh, *, in_shardings, out_shardings, rules: Rules = LOGICAL_AXIS_RULES,
+                **jit_kw) -> ShardedJit:
+    """For train steps and anything else: e.g. ``in_shardings=(param_sharding_tree(cfg, mesh),
+    shardings_like_params(opt_state, ps, mesh), io_sharding("input_ids", mesh), ...)``, donate_argnums=..."""
+    return ShardedJit(fn, mesh, in_shardings, out_shardings, rules, **jit_kw)
+
+
+def shardings_like_params(tree, param_shardings, mesh: Mesh):
+    """Shardings for a tree that holds parameter-shaped subtrees (an optax state: Adam's mu and nu, ...):
+    every subtree with the parameter tree's structure gets the parameter shardings, every other leaf
+    (step counts, scalars) is replicated. Works on abstract (jax.eval_shape) trees too."""
+    p_def = jax.tree.structure(param_shardings)
+    replicated = NamedSharding(mesh, P())
+
+    def is_params(x):
+        try:
+            return jax.tree.structure(x) == p_def
+        except Exception:  # noqa: BLE001
+            return False
+
+    return jax.tree.map(lambda x: param_shardings if is_params(x) else replicated, tree, is_leaf=is_params)
+
+
 @functools.lru_cache(maxsize=32)
 def _forward_fn(module, mesh: Mesh, rules, last_token_only: bool, has_pixels: bool, pixels_sharded: bool,
                 has_mask: bool):
