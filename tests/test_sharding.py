@@ -48,7 +48,8 @@ from vipllava_jax.convert import flat_paths  # noqa: E402
 from vipllava_jax.llama import KVCache  # noqa: E402
 from vipllava_jax.plan import PRESETS, plan_memory  # noqa: E402
 from vipllava_jax.sharding import (cache_shardings, logical_spec, make_mesh, param_logical_axes,  # noqa: E402
-                                   parse_mesh_spec, sharded_forward)
+                                   parse_mesh_spec, sharded_forward, sharded_generate)
+from vipllava_jax.generation import generate  # noqa: E402
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint  # noqa: E402
 
 needs_devices = pytest.mark.skipif(not HAVE_DEVICES, reason=f"JAX started with {jax.device_count()} device(s) "
@@ -138,6 +139,30 @@ def test_sharded_logits_equal_unsharded(loaded, reference, spec):
     if spec == MESHES[-1]:
         last = sharded_forward(module, params, ids, pixels, mask, mesh=mesh, last_token_only=True, gather=True)
         assert rel_err(last[:, 0], ref[:, -1]) < RTOL
+
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(reference):
+    module, params, (ids, pixels, mask), _ = reference
+    return generate(module, params, ids, pixels, mask, max_new_tokens=MAX_NEW)
+
+
+@needs_devices
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_greedy_tokens_equal_unsharded(loaded, reference, reference_tokens, spec):
+    """Prefill and the on-device decode loop with params, inputs and the KV cache sharded by the rules."""
+    mesh, module, params = loaded(spec)
+    _, _, (ids, pixels, mask), _ = reference
+    toks = sharded_generate(module, params, ids, pixels, mask, mesh=mesh, max_new_tokens=MAX_NEW)
+    assert toks.shape == (8, MAX_NEW)
+    np.testing.assert_array_equal(toks, reference_tokens)
+    if spec == "data=2,fsdp=2,tensor=2":  # 5 rows: padded to 8 with masked rows, which are dropped
+        np.testing.assert_array_equal(
+            sharded_generate(module, params, ids[:5], pixels[:6], mask[:5], mesh=mesh, max_new_tokens=MAX_NEW),
+            reference_tokens[:5])
 
 
 @needs_devices

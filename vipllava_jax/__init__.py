@@ -9,3 +9,4 @@ from .checkpoint import load_pretrained, save_orbax, restore_orbax, load_config
 from .convert import load_hf_params, save_hf
 from .sharding import make_mesh, sharded_forward
 from .plan import PRESETS, plan_memory
+from .generation import StopStrings, generate, generate_stream, generate_stream_tokens, stop_strings_for

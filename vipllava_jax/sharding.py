@@ -480,11 +480,13 @@ def sharded_forward(module, params, input_ids, pixel_values=None, attention_mask
 
 def sharded_generate(module, params, input_ids, pixel_values=None, attention_mask=None, *, mesh: Mesh,
                      max_new_tokens: int, pad_batch: bool = True, rules: Rules = LOGICAL_AXIS_RULES,
-                     gather: bool = False, **generate_kw):
+                     gather: bool = True, **generate_kw) -> np.ndarray:
     """`generation.generate` on a mesh: params on the rules' shardings, inputs as global arrays split over
-    data x fsdp, traced inside the mesh and the rules so the model's constraints (KV cache included) apply."""
-    try:
-        from .generation import generate
-    except ImportError:
-        raise NotImplementedError("vipllava_jax.generation is not available yet") from None
-    raise NotImplementedError
+    data x fsdp, the KV cache sharded by the rules (cache_batch, cache_kv_heads), traced inside the mesh and
+    the rules so the model's constraints apply. Returns the new tokens [B, max_new_tokens] as numpy on every
+    process (``gather`` is accepted for symmetry with `sharded_forward`; tokens are always gathered)."""
+    from .generation import generate
+    if not pad_batch:
+        check_batch(np.shape(input_ids)[0], mesh, rules)
+    return generate(module, params, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+                    mesh=mesh, rules=tuple(rules), **generate_kw)
