@@ -81,13 +81,8 @@ def main():
         assert not all(x.is_fully_addressable for x in jax.tree.leaves(params))
         results[f"{spec}|safetensors|logits"] = sharded_forward(module, params, ids, pixels, mask, mesh=mesh,
                                                                 gather=True)
-        if sharded_generate is not None:
-            try:
-                toks = sharded_generate(module, params, ids, pixels, mask, mesh=mesh,
-                                        max_new_tokens=args.max_new_tokens, gather=True)
-                results[f"{spec}|safetensors|tokens"] = np.asarray(toks)
-            except NotImplementedError:
-                pass
+        toks = sharded_generate(module, params, ids, pixels, mask, mesh=mesh, max_new_tokens=args.max_new_tokens)
+        results[f"{spec}|safetensors|tokens"] = np.asarray(toks)
         if spec == MESHES[-1]:  # both processes write one orbax checkpoint of the params sharded across them
             from jax.experimental import multihost_utils
             from vipllava_jax import save_orbax

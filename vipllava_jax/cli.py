@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cli_convert, cli_demo, cli_plan
+from . import cli_convert, cli_demo, cli_generate, cli_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vipllava-jax", description="VipLlava (ViP-LLaVA) in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
+    cli_generate.register(sub)
     cli_demo.register(sub)
     cli_convert.register(sub)
     cli_plan.register(sub)

@@ -251,8 +251,9 @@ def _record(st: _Static, tables, state: DecodeState, token: Array) -> DecodeStat
 def _prefill_fn(module, st: _Static, cache_len: int):
     cfg = module.config
 
-    def prefill(params, input_ids, pixel_values, attention_mask, key, stop0, tables) -> DecodeState:
+    def prefill(params, input_ids, pixel_values, attention_mask, seed, stop0, tables) -> DecodeState:
         b = input_ids.shape[0]
+        key = jax.random.key(seed)
         cache = KVCache.init(cfg.text, b, cache_len, module.dtype)
         out = module.apply({"params": params}, input_ids, pixel_values, attention_mask, cache=cache,
                            last_token_only=True)
@@ -446,14 +447,15 @@ class _Run:
                 if np.shape(pixel_values)[0] % batch_divisor(mesh, rules) == 0:
                     pix_mode = "split"
         self.prefill, self.decode = _compiled(module, self.st, cache_len, pix_mode, mesh, rules)
-        self.tables = (jnp.asarray(stop.next_state), jnp.asarray(stop.hit))
+        self.tables = (stop.next_state, stop.hit)
         self.b, self.mesh, self.rules = prep.b, mesh, rules
-        key = jax.random.key(seed) if not isinstance(seed, jax.Array) else seed
-        args = [params, prep.ids, pixel_values, prep.mask, key, stop0]
+        args = [params, prep.ids, pixel_values, prep.mask, np.asarray(seed, np.int32), stop0]
         if mesh is not None:
             args = self._place(module, args, has_pixels)
-        elif has_pixels:
-            args[2] = jnp.asarray(pixel_values)
+        else:
+            self.tables = tuple(jnp.asarray(t) for t in self.tables)
+            if has_pixels:
+                args[2] = jnp.asarray(pixel_values)
         self.params = args[0]
         self.state = self.prefill(*args, self.tables)
 
@@ -467,10 +469,10 @@ class _Run:
         if has_pixels:
             pix = sh.put_global(args[2], sh._pixel_sharding(np.shape(args[2])[0], mesh, rules))
         mask = sh.put_global(args[3], sh.io_sharding("attention_mask", mesh, rules))
-        key = jax.device_put(args[4], NamedSharding(mesh, P()))
+        seed = sh.put_global(args[4], NamedSharding(mesh, P()))
         stop0 = sh.put_global(args[5], sh.logical_to_sharding(("batch", None), mesh, rules))
-        self.tables = tuple(jax.device_put(t, NamedSharding(mesh, P())) for t in self.tables)
-        return [params, ids, pix, mask, key, stop0]
+        self.tables = tuple(sh.put_global(np.asarray(t), NamedSharding(mesh, P())) for t in self.tables)
+        return [params, ids, pix, mask, seed, stop0]
 
     @property
     def finished(self) -> bool:
@@ -483,7 +485,12 @@ class _Run:
         return to_host(x)
 
     def advance(self, limit: int) -> None:
-        self.state = self.decode(self.params, self.state, jnp.asarray(limit, jnp.int32), self.tables)
+        limit = np.asarray(limit, np.int32)
+        if self.mesh is not None:
+            from .sharding import put_global
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            limit = put_global(limit, NamedSharding(self.mesh, P()))
+        self.state = self.decode(self.params, self.state, limit, self.tables)
 
     def tokens(self) -> np.ndarray:
         return self._host(self.state.tokens)[: self.b]

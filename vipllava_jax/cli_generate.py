@@ -1,0 +1,261 @@
+"""``vipllava-jax generate``: answer a question about one or more images, streaming the answer.
+
+    vipllava-jax generate --model llava-hf/vip-llava-7b-hf --image photo.jpg --box 40,60,200,220 \\
+        --prompt "What is inside the red rectangle?" --save-marked marked.png
+    vipllava-jax generate --model /data/vip-llava-7b-orbax --image a.jpg --chat
+
+The model directory is an HF checkpoint (or hub id) or an orbax directory from ``vipllava-jax convert``; its
+tokenizer and processor files are read from the same directory. Markers (--box, --arrow, ...) are drawn on
+the first image before the processor resizes and crops it, as ViP-LLaVA's training did.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .distributed import add_distributed_args, initialize_from_args, is_main_process
+
+DTYPES = ("auto", "bfloat16", "float32")
+DEFAULT_CACHE_DIR = Path(os.environ.get("VIPLLAVA_JAX_CACHE", "~/.cache/vipllava_jax")).expanduser() / "xla"
+
+
+def _floats(n: int | None, name: str):
+    def parse(s: str) -> tuple[float, ...]:
+        try:
+            v = tuple(float(x) for x in s.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} wants comma-separated numbers, got {s!r}") from None
+        if n is not None and len(v) != n:
+            raise argparse.ArgumentTypeError(f"{name} wants {n} numbers, got {len(v)} in {s!r}")
+        if n is None and (len(v) < 4 or len(v) % 2):
+            raise argparse.ArgumentTypeError(f"{name} wants x0,y0,x1,y1 (a box) or more x,y pairs, got {s!r}")
+        return v
+    return parse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="answer a prompt about images (streams the answer)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model directory, hub id, or orbax directory")
+    p.add_argument("--image", action="append", default=[], help="image path or URL (repeat for several)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="the question (repeat for a batch of prompts about the same images); '<bbox>' is "
+                        "replaced by the first marker's phrase, e.g. 'within the red rectangle'")
+    p.add_argument("--chat", action="store_true", help="keep a conversation: read follow-up questions from stdin")
+    p.add_argument("--system", default=None, help="system text (default: the checkpoint's llava_v0 system prompt)")
+    p.add_argument("--prompt-style", choices=("llava_v0", "llava_v1"), default="llava_v0",
+                   help="llava_v0 (HF model card, default) or llava_v1 (original training / ViP-Bench)")
+    p.add_argument("--pad-to-square", action="store_true",
+                   help="pad images to a square with the CLIP mean colour instead of centre-cropping "
+                        "(the original training's preprocessing; keeps markers near the edges)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=None, help='stop string (default: "###")')
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="parameter/compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    g.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
+    g.add_argument("--compilation-cache", default=str(DEFAULT_CACHE_DIR),
+                   help="JAX persistent compilation cache directory ('' to turn it off)")
+    v = p.add_argument_group("visual prompts", "markers drawn on the first image (repeat a flag for several)")
+    v.add_argument("--box", action="append", type=_floats(4, "--box"), default=[], metavar="X0,Y0,X1,Y1",
+                   help="rectangle")
+    v.add_argument("--ellipse", action="append", type=_floats(4, "--ellipse"), default=[], metavar="X0,Y0,X1,Y1")
+    v.add_argument("--triangle", action="append", type=_floats(None, "--triangle"), default=[],
+                   metavar="X0,Y0,X1,Y1[,X2,Y2]", help="a box (three seeded points in it) or three points")
+    v.add_argument("--point", action="append", type=_floats(2, "--point"), default=[], metavar="X,Y")
+    v.add_argument("--arrow", action="append", type=_floats(4, "--arrow"), default=[], metavar="X0,Y0,X1,Y1",
+                   help="from tail (x0,y0) to head (x1,y1)")
+    v.add_argument("--scribble", action="append", type=_floats(None, "--scribble"), default=[],
+                   metavar="X0,Y0,X1,Y1|X,Y,...", help="a box (a seeded smooth stroke in it) or polyline points")
+    v.add_argument("--mask", action="append", default=[], metavar="MASK.png", help="filled mask (nonzero = inside)")
+    v.add_argument("--mask-contour", action="append", default=[], metavar="MASK.png", help="mask outline")
+    v.add_argument("--color", action="append", default=None,
+                   help="marker colour: a name (red, lime, blue, ...), #rrggbb or r,g,b; repeat to give each "
+                        "marker its own, in the order above (default red)")
+    v.add_argument("--width", type=int, default=None, help="line width in pixels (default: scales with image size)")
+    v.add_argument("--alpha", type=float, default=1.0, help="marker opacity in [0, 1]")
+    v.add_argument("--normalized", action="store_true", help="marker coordinates are in [0, 1], not pixels")
+    v.add_argument("--save-marked", default=None, metavar="OUT.png",
+                   help="save the image exactly as the model sees it (markers drawn, before resizing)")
+    add_distributed_args(p)
+    p.set_defaults(func=run)
+
+
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache: a second run loads compiled programs instead of compiling."""
+    if not path:
+        return
+    import jax
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def markers_from_args(args: argparse.Namespace) -> list:
+    specs = ([("rectangle", b) for b in args.box] + [("ellipse", b) for b in args.ellipse]
+             + [("triangle", b) for b in args.triangle] + [("point", b) for b in args.point]
+             + [("arrow", b) for b in args.arrow] + [("scribble", b) for b in args.scribble]
+             + [("mask", m) for m in args.mask] + [("mask_contour", m) for m in args.mask_contour])
+    if not specs:
+        return []
+    from . import visual_prompts as vp
+    colors = args.color or ["red"]
+    if len(colors) not in (1, len(specs)) and specs:
+        raise ValueError(f"--color given {len(colors)} times for {len(specs)} markers: give one colour for all "
+                         f"or one per marker")
+    out = []
+    for i, (kind, v) in enumerate(specs):
+        style = dict(color=colors[i if len(colors) > 1 else 0], width=args.width, alpha=args.alpha)
+        norm = dict(normalized=args.normalized)
+        if kind in ("rectangle", "ellipse"):
+            out.append(vp.make_marker(kind, box=v, **style, **norm))
+        elif kind == "triangle":
+            key = "box" if len(v) == 4 else "points"
+            pts = v if key == "box" else tuple(zip(v[0::2], v[1::2]))
+            if key == "points" and len(pts) != 3:
+                raise ValueError(f"--triangle wants a box (4 numbers) or three points (6 numbers), got {len(v)}")
+            out.append(vp.make_marker(kind, **{key: pts}, **style, **norm))
+        elif kind == "point":
+            out.append(vp.make_marker(kind, xy=v, **style, **norm))
+        elif kind == "arrow":
+            out.append(vp.make_marker(kind, tail=v[:2], head=v[2:], **style, **norm))
+        elif kind == "scribble":
+            if len(v) == 4:
+                out.append(vp.make_marker(kind, box=v, **style, **norm))
+            else:
+                out.append(vp.make_marker(kind, points=tuple(zip(v[0::2], v[1::2])), **style, **norm))
+        else:  # masks: the array is read at draw time, when the image size is known
+            out.append((kind, v, style))
+    return out
+
+
+def _draw(image, markers, args):
+    from . import visual_prompts as vp
+    built = []
+    for m in markers:
+        if isinstance(m, tuple):
+            kind, path, style = m
+            built.append(vp.make_marker(kind, mask=vp.load_mask(path, size=image.size), **style))
+        else:
+            built.append(m)
+    return vp.draw_markers(image, built), built
+
+
+def run(args: argparse.Namespace) -> int:
+    initialize_from_args(args)
+    enable_compilation_cache(args.compilation_cache)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from .checkpoint import load_pretrained, resolve_model_path
+    from .distributed import mesh_from_args
+    from .generation import generate, generate_stream, stop_strings_for
+    from .processing import DEFAULT_SYSTEM_PROMPT, Processor, build_prompt, load_image
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.prompt and not args.chat:
+        raise ValueError("give --prompt (or --chat to type questions)")
+    if args.chat and args.prompt and len(args.prompt) > 1:
+        raise ValueError("--chat takes at most one --prompt (the first question)")
+    markers = markers_from_args(args)
+    if markers and not args.image:
+        raise ValueError("markers (--box, --arrow, ...) are drawn on an image: give --image")
+
+    # Inputs first: a bad image or a missing tokenizer fails before minutes of loading weights.
+    model_dir = resolve_model_path(args.model)
+    proc = Processor.from_pretrained(model_dir, pad_to_square=args.pad_to_square)
+    images = [load_image(src) for src in args.image]
+    phrase = None
+    if markers:
+        images[0], built = _draw(images[0], markers, args)
+        from .visual_prompts import marker_phrase
+        phrase = marker_phrase(built[0])
+        if args.save_marked and is_main_process():
+            images[0].save(args.save_marked)
+            print(f"[marked image saved to {args.save_marked}]", file=sys.stderr)
+    elif args.save_marked:
+        raise ValueError("--save-marked needs at least one marker (--box, --ellipse, --point, --arrow, ...)")
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    mesh = None
+    if jax.device_count() > 1 or args.mesh not in (None, "", "auto"):
+        from .checkpoint import load_config
+        mesh = mesh_from_args(args, load_config(model_dir))
+    t0 = time.perf_counter()
+    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process())
+    if is_main_process():
+        print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)
+    system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
+    stop = tuple(args.stop) if args.stop else (("###",) if args.prompt_style == "llava_v0" else ("</s>",))
+    gen_kw = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed, repetition_penalty=args.repetition_penalty, pad_token_id=proc.pad_token_id)
+    eos = proc.eos_token_id
+    if eos is not None:
+        gen_kw["eos_token_id"] = eos
+
+    def question(q: str) -> str:
+        return q.replace("<bbox>", phrase) if phrase and "<bbox>" in q else q
+
+    if args.prompt and len(args.prompt) > 1:  # a batch: same images for every prompt
+        texts = [build_prompt(question(q), len(images), system=system, style=args.prompt_style)
+                 for q in args.prompt]
+        enc = proc(texts, [images] * len(texts) if images else None)
+        tables = stop_strings_for(proc.tokenizer, stop, module.config.text.vocab_size)
+        toks = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
+                        max_new_tokens=args.max_new_tokens, stop_strings=tables, mesh=mesh, **gen_kw)
+        if is_main_process():
+            for q, row in zip(args.prompt, toks):
+                text = proc.decode(row.tolist())
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                print(f"### {q}\n{(text[:cut] if cut >= 0 else text).strip()}\n")
+        return 0
+
+    turns: list[tuple[str, str | None]] = []
+    first = args.prompt[0] if args.prompt else None
+    while True:
+        q = first if first is not None else _read_question()
+        first = None
+        if q is None:
+            return 0
+        turns.append((question(q), None))
+        counts = [len(images)] + [0] * (len(turns) - 1)
+        text = build_prompt(turns, counts, system=system, style=args.prompt_style)
+        enc = proc([text], [images] if images else None)
+        answer = []
+        stream = generate_stream(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
+                                 tokenizer=proc.tokenizer, max_new_tokens=args.max_new_tokens, stop=stop,
+                                 chunk_size=10**9 if args.no_stream else 8, mesh=mesh, **gen_kw)
+        for i, piece in enumerate(stream):
+            if i == 0:
+                piece = piece.lstrip()
+            answer.append(piece)
+            if is_main_process():
+                print(piece, end="", flush=True)
+        if is_main_process():
+            print(flush=True)
+        turns[-1] = (turns[-1][0], "".join(answer).strip())
+        if not args.chat:
+            return 0
+
+
+def _read_question() -> str | None:
+    try:
+        q = input("\nyou> " if sys.stdin.isatty() else "")
+    except EOFError:
+        return None
+    q = q.strip()
+    return None if q.lower() in ("", "exit", "quit") else q
