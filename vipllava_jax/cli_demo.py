@@ -1,7 +1,8 @@
 """``vipllava-jax demo``: the built-in default job, no download needed.
 
 Builds a tiny random HF VipLlava checkpoint, converts it to orbax, loads it back, runs one forward
-pass on a left-padded batch with two images in one row, and prints how far our logits are from PyTorch's.
+pass on a left-padded batch with two images in one row, prints how far our logits are from PyTorch's, then
+generates greedily (prefill + on-device decode loop) and compares the tokens with HF ``generate``.
 """
 from __future__ import annotations
 
@@ -54,4 +55,16 @@ def run(args: argparse.Namespace) -> int:
     err = np.abs(ours - theirs)[real].max() / np.abs(theirs[real]).max()
     print(f"4. logits {list(ours.shape)}: max relative error vs PyTorch = {err:.2e} "
           f"({'OK' if err < 1e-4 else 'MISMATCH'})")
-    return 0 if err < 1e-4 else 1
+    from .generation import generate
+    n_new = 8
+    toks = generate(module, params, ids, pixels, mask, max_new_tokens=n_new)
+    with torch.no_grad():
+        ref_toks = ref.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+                                attention_mask=torch.tensor(mask), max_new_tokens=n_new, do_sample=False,
+                                pad_token_id=module.config.text.pad_token_id)[:, ids.shape[1]:].numpy()
+    ref_toks = np.pad(ref_toks, ((0, 0), (0, n_new - ref_toks.shape[1])),
+                      constant_values=module.config.text.pad_token_id)
+    same = np.array_equal(toks, ref_toks)
+    print(f"5. greedy generation, {n_new} new tokens per row: {toks.tolist()} "
+          f"({'same as' if same else 'DIFFERENT from'} HF generate)")
+    return 0 if err < 1e-4 and same else 1
