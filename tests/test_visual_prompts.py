@@ -1,0 +1,214 @@
+"""Visual prompts: each marker kind draws where, and how, it is asked to; goldens; errors; phrases."""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vipllava_jax import visual_prompts as vp
+
+from make_visual_prompt_goldens import OUT as GOLDENS, canvas, golden_markers
+
+W, H = 200, 120
+GREY = (128, 128, 128)
+
+
+def grey():
+    return Image.new("RGB", (W, H), GREY)
+
+
+def disk_mask(cx=100, cy=60, r=30):
+    y, x = np.mgrid[0:H, 0:W]
+    return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+
+
+# one marker per kind, with the region (x0, y0, x1, y1) it must stay near
+CASES = {
+    "rectangle": (lambda **s: vp.Rectangle((50, 30, 150, 90), **s), (50, 30, 150, 90)),
+    "ellipse": (lambda **s: vp.Ellipse((50, 30, 150, 90), **s), (50, 30, 150, 90)),
+    "triangle": (lambda **s: vp.Triangle(box=(50, 30, 150, 90), seed=3, **s), (50, 30, 150, 90)),
+    "point": (lambda **s: vp.Point((100, 60), radius=8, **s), (92, 52, 108, 68)),
+    "arrow": (lambda **s: vp.Arrow((60, 100), (140, 40), **s), (60, 40, 140, 100)),
+    "scribble": (lambda **s: vp.Scribble(box=(50, 30, 150, 90), seed=4, **s), (50, 30, 150, 90)),
+    "mask_contour": (lambda **s: vp.MaskContour(disk_mask(), **s), (70, 30, 131, 91)),
+    "mask": (lambda **s: vp.Mask(disk_mask(), **s), (70, 30, 131, 91)),
+}
+
+
+def changed(a, b=None):
+    b = np.asarray(grey()) if b is None else np.asarray(b)
+    return np.any(np.asarray(a).astype(int) != np.asarray(b).astype(int), axis=-1)
+
+
+@pytest.mark.parametrize("kind", vp.MARKER_KINDS)
+def test_pixels_change_inside_the_region_only(kind):
+    make, (x0, y0, x1, y1) = CASES[kind]
+    m = make(width=3) if kind != "point" and kind != "mask" else make()
+    out = vp.draw_markers(grey(), [m], warn_crop=False)
+    ch = changed(out)
+    assert ch[y0:y1, x0:x1].sum() > 20  # something drawn inside
+    pad = 2 * 3 + 1  # nothing further than twice the line width from the region
+    outside = ch.copy()
+    outside[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad] = False
+    assert not outside.any(), np.argwhere(outside)[:5]
+    assert vp.marker_extent(m, (W, H)) is not None
+
+
+@pytest.mark.parametrize("kind", vp.MARKER_KINDS)
+def test_colour_and_alpha(kind):
+    make, _ = CASES[kind]
+    opaque = np.asarray(vp.draw_markers(grey(), [make(color="blue", alpha=1.0)], warn_crop=False))
+    px = opaque[changed(opaque)]
+    assert (px == (0, 0, 255)).all()  # no antialiasing: every marker pixel is exactly the colour
+    half = np.asarray(vp.draw_markers(grey(), [make(color=(200, 40, 10), alpha=0.5)], warn_crop=False))
+    ch = changed(half)
+    np.testing.assert_array_equal(ch, changed(opaque))  # same pixels, blended
+    want = np.rint(0.5 * np.array(GREY) + 0.5 * np.array((200, 40, 10)))
+    assert np.abs(half[ch].astype(int) - want).max() <= 1
+
+
+def test_opaque_red_rectangle_stroke_is_exact_and_interior_untouched():
+    out = np.asarray(vp.draw_rectangle(grey(), (50, 30, 150, 90), width=4, warn_crop=False))
+    assert tuple(out[30, 100]) == (255, 0, 0) and tuple(out[33, 100]) == (255, 0, 0)
+    assert tuple(out[34, 100]) == GREY and tuple(out[60, 100]) == GREY
+
+
+@pytest.mark.parametrize("kind", ["triangle", "scribble"])
+def test_seeded_shapes_are_deterministic(kind):
+    box = (50, 30, 150, 90)
+    cls = vp.Triangle if kind == "triangle" else vp.Scribble
+    a = np.asarray(vp.draw_markers(grey(), [cls(box=box, seed=11)], warn_crop=False))
+    b = np.asarray(vp.draw_markers(grey(), [cls(box=box, seed=11)], warn_crop=False))
+    c = np.asarray(vp.draw_markers(grey(), [cls(box=box, seed=12)], warn_crop=False))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_triangle_from_box_has_no_angle_over_150():
+    for seed in range(20):
+        pts = vp._triangle_points(vp.Triangle(box=(0, 0, 100, 10), seed=seed), (W, H))
+        assert vp._max_angle(pts) < 150
+
+
+@pytest.mark.parametrize("kind", ["rectangle", "ellipse", "triangle", "point", "arrow", "scribble"])
+def test_normalized_and_pixel_coordinates_agree(kind):
+    f = np.array([W, H, W, H], float)
+    px = {"rectangle": vp.Rectangle((50, 30, 150, 90)), "ellipse": vp.Ellipse((50, 30, 150, 90)),
+          "triangle": vp.Triangle(points=((50, 90), (100, 30), (150, 90))), "point": vp.Point((100, 60)),
+          "arrow": vp.Arrow((60, 100), (140, 40)), "scribble": vp.Scribble(points=((50, 30), (90, 80), (150, 60)))}
+    nz = {"rectangle": vp.Rectangle(tuple(np.array([50, 30, 150, 90]) / f), normalized=True),
+          "ellipse": vp.Ellipse(tuple(np.array([50, 30, 150, 90]) / f), normalized=True),
+          "triangle": vp.Triangle(points=((50 / W, 90 / H), (100 / W, 30 / H), (150 / W, 90 / H)), normalized=True),
+          "point": vp.Point((100 / W, 60 / H), normalized=True),
+          "arrow": vp.Arrow((60 / W, 100 / H), (140 / W, 40 / H), normalized=True),
+          "scribble": vp.Scribble(points=((50 / W, 30 / H), (90 / W, 80 / H), (150 / W, 60 / H)), normalized=True)}
+    np.testing.assert_array_equal(np.asarray(vp.draw_markers(grey(), [px[kind]], warn_crop=False)),
+                                  np.asarray(vp.draw_markers(grey(), [nz[kind]], warn_crop=False)))
+
+
+def test_several_markers_each_with_its_colour_and_input_untouched():
+    img = grey()
+    before = np.asarray(img).copy()
+    arr_in = np.asarray(grey()).copy()
+    ms = [vp.Rectangle((10, 10, 60, 50), color="red"), vp.Arrow((190, 110), (120, 70), color="blue"),
+          vp.Point((100, 100), radius=5, color="lime")]
+    out = np.asarray(vp.draw_markers(img, ms, warn_crop=False))
+    np.testing.assert_array_equal(np.asarray(img), before)
+    colours = {tuple(c) for c in out[changed(out)]}
+    assert colours == {(255, 0, 0), (0, 0, 255), (0, 255, 0)}
+    assert (changed(out)[:, :70] == changed(vp.draw_markers(grey(), ms[:1], warn_crop=False))[:, :70]).all()
+    out2 = vp.draw_markers(arr_in, ms, warn_crop=False)  # numpy input
+    np.testing.assert_array_equal(np.asarray(out2), out)
+    np.testing.assert_array_equal(arr_in, before)
+
+
+def test_later_markers_draw_on_top():
+    a = vp.Rectangle((40, 20, 160, 100), color="red", width=6)
+    b = vp.Rectangle((40, 20, 160, 100), color="blue", width=6)
+    out = np.asarray(vp.draw_markers(grey(), [a, b], warn_crop=False))
+    assert tuple(out[20, 100]) == (0, 0, 255)
+
+
+def test_crop_warning_and_pad_to_square():
+    # 200x120: the centre crop keeps x 40..160
+    with pytest.warns(UserWarning, match="rectangle marker .* beyond the centre square"):
+        vp.draw_markers(grey(), [vp.Rectangle((2, 10, 30, 50))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vp.draw_markers(grey(), [vp.Rectangle((60, 10, 140, 100))])  # inside: no warning
+        out = vp.draw_markers(grey(), [vp.Rectangle((2, 10, 30, 50))], pad_to_square=True)  # padded: no crop
+    assert out.size == (200, 200)
+    a = np.asarray(out)
+    mean = tuple(int(c * 255) for c in (0.48145466, 0.4578275, 0.40821073))
+    assert tuple(a[0, 100]) == mean and tuple(a[199, 100]) == mean
+    assert tuple(a[40 + 10, 2]) == (255, 0, 0)  # the marker moved down with the image (40 px of padding)
+
+
+def test_default_width_scales_with_image_size():
+    small = vp.draw_rectangle(Image.new("RGB", (336, 336)), (100, 100, 200, 200))
+    big = vp.draw_rectangle(Image.new("RGB", (1344, 1344)), (400, 400, 800, 800))
+    assert changed(small, Image.new("RGB", (336, 336)))[150, 95:110].sum() == 3
+    assert changed(big, Image.new("RGB", (1344, 1344)))[600, 390:420].sum() == 12
+
+
+@pytest.mark.parametrize("kind", vp.MARKER_KINDS)
+def test_goldens(kind):
+    """Pixel-exact against goldens made by tests/make_visual_prompt_goldens.py and reviewed by eye."""
+    golden = np.asarray(Image.open(GOLDENS / f"{kind}.png").convert("RGB")).astype(int)
+    out = np.asarray(vp.draw_markers(canvas(), [golden_markers()[kind]], warn_crop=False)).astype(int)
+    assert np.abs(out - golden).max() <= 1
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+def test_mask_with_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"mask shape \(60, 100\) does not match the image's \(height, width\) "
+                                         r"\(120, 200\)"):
+        vp.draw_markers(grey(), [vp.Mask(np.ones((60, 100), bool))])
+
+
+def test_box_outside_the_image():
+    with pytest.raises(ValueError, match=r"rectangle: box .* is outside the 200x120 image"):
+        vp.draw_markers(grey(), [vp.Rectangle((150, 30, 250, 90))])
+    with pytest.raises(ValueError, match="x1 > x0"):
+        vp.draw_markers(grey(), [vp.Ellipse((150, 30, 50, 90))])
+    with pytest.raises(ValueError, match=r"normalized box .* must lie in \[0, 1\]"):
+        vp.draw_markers(grey(), [vp.Rectangle((0.1, 0.1, 1.5, 0.5), normalized=True)])
+    with pytest.raises(ValueError, match=r"arrow: head .* is outside"):
+        vp.draw_markers(grey(), [vp.Arrow((10, 10), (300, 10))])
+
+
+def test_unknown_colour_and_bad_style():
+    with pytest.raises(ValueError, match="Unknown colour 'reddish'.*red, lime, blue"):
+        vp.Rectangle((0, 0, 10, 10), color="reddish")
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        vp.Point((5, 5), alpha=2)
+    assert vp.parse_color("#00ff00") == (0, 255, 0) == vp.parse_color("0,255,0") == vp.parse_color("lime")
+    with pytest.raises(ValueError, match="Unknown marker kind 'star'"):
+        vp.make_marker("star")
+
+
+def test_load_mask(tmp_path):
+    m = disk_mask()
+    Image.fromarray((m * 255).astype(np.uint8)).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(vp.load_mask(tmp_path / "m.png", size=(W, H)), m)
+    with pytest.raises(ValueError, match=r"Mask shape \(120, 200\) does not match the image's"):
+        vp.load_mask(tmp_path / "m.png", size=(100, 100))
+    with pytest.raises(FileNotFoundError, match="Mask file not found"):
+        vp.load_mask(tmp_path / "nope.png")
+
+
+# --- phrases -----------------------------------------------------------------------------------------------------
+def test_phrases_follow_the_training_text():
+    assert vp.marker_phrase(vp.Rectangle((0, 0, 1, 1))) == "within the red rectangle"
+    assert vp.marker_phrase(vp.Arrow((0, 0), (1, 1), color="blue")) == "pointed to by the blue arrow"
+    assert vp.marker_phrase(vp.Point((0, 0), color=(0, 255, 255))) == "at the aqua point"  # a named colour's RGB
+    assert vp.marker_phrase(vp.Scribble(box=(0, 0, 1, 1), color=(1, 2, 3))) == "with the scribble"  # unnamed
+    assert vp.marker_phrase(vp.MaskContour(disk_mask(), color="orange")) == "with the orange mask contour"
+    assert vp.build_question("What is the person <bbox> holding?", vp.Rectangle((0, 0, 1, 1))) == \
+        "What is the person within the red rectangle holding?"
+    assert vp.build_question("Describe the object.", vp.Ellipse((0, 0, 1, 1), color="gold")) == \
+        "Describe the object within the gold ellipse."
+    two = vp.build_question("Is the cup <bbox0> left of the dog <bbox1>?", vp.Rectangle((0, 0, 1, 1)),
+                            vp.Arrow((0, 0), (1, 1), color="lime"))
+    assert two == "Is the cup within the red rectangle left of the dog pointed to by the lime arrow?"
