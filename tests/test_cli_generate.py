@@ -108,3 +108,37 @@ def test_clear_errors(ckpt, capsys, tmp_path, monkeypatch):
     monkeypatch.undo()
     rc, _, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "word " * 60)
     assert rc == 2 and "too long" in err and "256" in err
+
+
+def test_markers_are_drawn_saved_and_named(ckpt, capsys, tmp_path):
+    """--box/--arrow draw on the image before preprocessing; --save-marked shows exactly that image; the answer is
+    the library's for the marked image; <bbox> becomes the first marker's phrase."""
+    from vipllava_jax import visual_prompts as vp
+    from vipllava_jax.processing import load_image
+    hf, _, img = ckpt
+    out_png = tmp_path / "marked.png"
+    rc, out, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "What is <bbox>?",
+                           "--box", "14,6,34,30", "--arrow", "2,34,20,20", "--color", "red", "--color", "blue",
+                           "--width", "2", "--save-marked", out_png)
+    assert rc == 0, err
+    want_img = vp.draw_markers(load_image(img), [vp.Rectangle((14, 6, 34, 30), width=2),
+                                                 vp.Arrow((2, 34), (20, 20), color="blue", width=2)])
+    np.testing.assert_array_equal(np.asarray(Image.open(out_png)), np.asarray(want_img))
+    assert not np.array_equal(np.asarray(want_img), np.asarray(load_image(img)))
+    want_img.save(tmp_path / "expected_input.png")
+    assert out.strip() == expected_answer(hf, tmp_path / "expected_input.png",
+                                          [("What is within the red rectangle?", None)])
+    # the arrow reaches outside the centre crop of this 48x36 image: a warning says so
+    assert "beyond the centre square" in err
+
+
+def test_marker_flag_errors(ckpt, capsys, tmp_path):
+    hf, _, img = ckpt
+    rc, _, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "hi", "--box", "10,10,90,20")
+    assert rc == 2 and "outside the 48x36 image" in err
+    rc, _, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "hi", "--box", "1,1,9,9",
+                         "--color", "nocolour")
+    assert rc == 2 and "Unknown colour 'nocolour'" in err
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "m.png")
+    rc, _, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "hi", "--mask", tmp_path / "m.png")
+    assert rc == 2 and "does not match the image's" in err

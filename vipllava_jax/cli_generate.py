@@ -82,7 +82,8 @@ def register(sub) -> None:
                    help="marker colour: a name (red, lime, blue, ...), #rrggbb or r,g,b; repeat to give each "
                         "marker its own, in the order above (default red)")
     v.add_argument("--width", type=int, default=None, help="line width in pixels (default: scales with image size)")
-    v.add_argument("--alpha", type=float, default=1.0, help="marker opacity in [0, 1]")
+    v.add_argument("--alpha", type=float, default=None,
+                   help="marker opacity in [0, 1] (default 1; 0.35 for --mask)")
     v.add_argument("--normalized", action="store_true", help="marker coordinates are in [0, 1], not pixels")
     v.add_argument("--save-marked", default=None, metavar="OUT.png",
                    help="save the image exactly as the model sees it (markers drawn, before resizing)")
@@ -115,7 +116,9 @@ def markers_from_args(args: argparse.Namespace) -> list:
                          f"or one per marker")
     out = []
     for i, (kind, v) in enumerate(specs):
-        style = dict(color=colors[i if len(colors) > 1 else 0], width=args.width, alpha=args.alpha)
+        style = dict(color=colors[i if len(colors) > 1 else 0], width=args.width)
+        if args.alpha is not None:
+            style["alpha"] = args.alpha
         norm = dict(normalized=args.normalized)
         if kind in ("rectangle", "ellipse"):
             out.append(vp.make_marker(kind, box=v, **style, **norm))
@@ -140,6 +143,9 @@ def markers_from_args(args: argparse.Namespace) -> list:
 
 
 def _draw(image, markers, args):
+    """Draw on the original image (before resize/crop). With --pad-to-square the result is padded here, so
+    --save-marked shows the square image the model sees; otherwise a marker outside the centre crop is reported."""
+    import warnings
     from . import visual_prompts as vp
     built = []
     for m in markers:
@@ -148,7 +154,12 @@ def _draw(image, markers, args):
             built.append(vp.make_marker(kind, mask=vp.load_mask(path, size=image.size), **style))
         else:
             built.append(m)
-    return vp.draw_markers(image, built), built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = vp.draw_markers(image, built, pad_to_square=args.pad_to_square)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return out, built
 
 
 def run(args: argparse.Namespace) -> int:
