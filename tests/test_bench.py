@@ -1,0 +1,25 @@
+"""bench/generate.py runs end to end on the tiny config (small settings) and reports every metric for both sides.
+It checks that the benchmark works, not how fast anything is."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+
+
+def test_generate_benchmark_tiny(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench.jsonl"
+    monkeypatch.setattr(sys, "argv", [str(BENCH), "--config", "tiny", "--batches", "1,2", "--new-tokens", "6",
+                                      "--repeats", "1", "--json", str(out), "--workdir", str(tmp_path)])
+    bench = runpy.run_path(str(BENCH))
+    assert bench["main"]() == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {(r["impl"], r["metric"], r["batch"]) for r in rows}
+    for impl in ("jax", "torch"):
+        assert {(impl, "ttft_ms", 1), (impl, "decode_tok_s", 1), (impl, "decode_tok_s", 2),
+                (impl, "e2e_tok_s", 2), (impl, "peak_mem_gib", None)} <= got
+    assert {("jax", "compile_s", 1), ("jax", "cached_compile_s", 1)} <= got
+    assert all(r["value"] > 0 for r in rows if r["metric"] != "compile_s" and "cached" not in r["metric"])
+    printed = capsys.readouterr().out
+    assert "metric" in printed and "ratio" in printed and "decode_tok_s" in printed
