@@ -1,14 +1,16 @@
 """Visual prompts: each marker kind draws where, and how, it is asked to; goldens; errors; phrases."""
+import dataclasses
 import warnings
-from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image
 
 from vipllava_jax import visual_prompts as vp
+from vipllava_jax.processing import ImageConfig, preprocess_image
 
-from make_visual_prompt_goldens import OUT as GOLDENS, canvas, golden_markers
+from make_visual_prompt_goldens import OUT as GOLDENS, PILLOW_VERSION, canvas, golden_markers
 
 W, H = 200, 120
 GREY = (128, 128, 128)
@@ -154,10 +156,18 @@ def test_default_width_scales_with_image_size():
 
 @pytest.mark.parametrize("kind", vp.MARKER_KINDS)
 def test_goldens(kind):
-    """Pixel-exact against goldens made by tests/make_visual_prompt_goldens.py and reviewed by eye."""
+    """Against goldens made by tests/make_visual_prompt_goldens.py and reviewed by eye: every pixel within 1
+    with the Pillow that drew them; with another Pillow (whose line / ellipse rasterisation may differ by a
+    pixel here and there) at most 1% of the pixels may differ."""
     golden = np.asarray(Image.open(GOLDENS / f"{kind}.png").convert("RGB")).astype(int)
     out = np.asarray(vp.draw_markers(canvas(), [golden_markers()[kind]], warn_crop=False)).astype(int)
-    assert np.abs(out - golden).max() <= 1
+    bad = np.abs(out - golden).max(axis=-1) > 1
+    hint = (f"{kind}: {bad.sum()} pixels differ from {GOLDENS / kind}.png (Pillow {PIL.__version__}, goldens made "
+            f"with {PILLOW_VERSION}); if the drawing is right, run tests/make_visual_prompt_goldens.py and review")
+    if PIL.__version__ == PILLOW_VERSION:
+        assert not bad.any(), hint
+    else:
+        assert bad.mean() <= 0.01, hint
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -179,8 +189,15 @@ def test_box_outside_the_image():
 
 
 def test_unknown_colour_and_bad_style():
-    with pytest.raises(ValueError, match="Unknown colour 'reddish'.*red, lime, blue"):
+    with pytest.raises(ValueError, match="Unknown colour 'reddish'.*red, lime, blue, yellow, fuchsia, aqua, "
+                                         "orange, purple, gold"):
         vp.Rectangle((0, 0, 10, 10), color="reddish")
+    with pytest.raises(ValueError, match=r"Colour \(300, 0, 0\) must be three integers in 0-255"):
+        vp.parse_color((300, 0, 0))
+    with pytest.raises(ValueError, match="Unknown colour"):
+        vp.parse_color("1,a,2")
+    with pytest.raises(ValueError, match="Colour '1,2' must be three integers"):
+        vp.parse_color("1,2")
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         vp.Point((5, 5), alpha=2)
     assert vp.parse_color("#00ff00") == (0, 255, 0) == vp.parse_color("0,255,0") == vp.parse_color("lime")
@@ -212,3 +229,84 @@ def test_phrases_follow_the_training_text():
     two = vp.build_question("Is the cup <bbox0> left of the dog <bbox1>?", vp.Rectangle((0, 0, 1, 1)),
                             vp.Arrow((0, 0), (1, 1), color="lime"))
     assert two == "Is the cup within the red rectangle left of the dog pointed to by the lime arrow?"
+
+
+# --- more API ----------------------------------------------------------------------------------------------------
+def test_kept_region_matches_the_processor_crop():
+    """kept_region is what the CLIP processor keeps: feed it an image whose long axis carries a ramp of the
+    pixel index, and check that each output pixel shows the original position kept_region maps it to."""
+    for w, h in [(200, 120), (333, 250), (97, 401)]:
+        x0, y0, x1, y1 = vp.kept_region((w, h), 336)
+        long = max(w, h)
+        ramp = np.arange(long) / (long - 1) * 255
+        arr = np.broadcast_to(ramp[None, :, None] if w > h else ramp[:, None, None], (h, w, 3))
+        pv = preprocess_image(np.ascontiguousarray(arr.round().astype(np.uint8)), ImageConfig())
+        seen = (pv[0, 0, :] if w > h else pv[0, :, 0]) * 0.26862954 + 0.48145466  # un-normalised red, 0..1
+        seen_index = seen * (long - 1)
+        lo, hi = (x0, x1) if w > h else (y0, y1)
+        j = np.arange(336)
+        want = lo + (j + 0.5) * (hi - lo) / 336 - 0.5  # pixel centres
+        assert np.abs(seen_index - want)[3:-3].max() < 1.5, (w, h, lo, hi)
+        assert abs((hi - lo) - min(w, h)) < 1
+        assert ((y0, y1) if w > h else (x0, x1)) == (0, min(w, h))
+
+
+def test_crop_warning_at_the_boundary_and_names_the_marker():
+    img = Image.new("RGB", (120, 200), GREY)  # tall: the crop keeps y 40..160
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vp.draw_markers(img, [vp.Rectangle((10, 40, 110, 159), width=1)])  # rows 40..159: all kept
+    with pytest.warns(UserWarning, match=r"ellipse marker \(marker 2 of 2\) spans .* y 39-"):
+        vp.draw_markers(img, [vp.Point((60, 100)), vp.Ellipse((10, 39, 110, 100), width=1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vp.draw_markers(img, [vp.Rectangle((10, 5, 110, 100))], warn_crop=False)
+        vp.draw_markers(Image.new("RGB", (100, 100)), [vp.Rectangle((0, 0, 99, 99))])  # square: no crop
+
+
+def test_make_marker_and_one_liners():
+    mask = disk_mask()
+    args = {"rectangle": dict(box=(50, 30, 150, 90)), "ellipse": dict(box=(50, 30, 150, 90)),
+            "triangle": dict(box=(50, 30, 150, 90)), "point": dict(xy=(100, 60)),
+            "arrow": dict(tail=(60, 100), head=(140, 40)), "scribble": dict(box=(50, 30, 150, 90)),
+            "mask_contour": dict(mask=mask), "mask": dict(mask=mask)}
+    for kind in vp.MARKER_KINDS:
+        m = vp.make_marker(kind, color="gold", **args[kind])
+        assert m.kind == kind and m.color == "gold"
+        one = getattr(vp, f"draw_{kind}")(grey(), color="gold", warn_crop=False, **args[kind])
+        np.testing.assert_array_equal(np.asarray(one), np.asarray(vp.draw_markers(grey(), [m], warn_crop=False)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.color = "red"
+    with pytest.raises(TypeError):
+        vp.Point()  # the position is required
+    assert vp.Mask(mask).alpha == 0.35 and vp.Rectangle((0, 0, 1, 1)).alpha == 1.0
+
+
+def test_mask_values_and_wrong_coordinate_counts():
+    m = disk_mask()
+    a = np.asarray(vp.draw_mask(grey(), m, warn_crop=False))
+    for other in (m.astype(np.uint8), m.astype(np.uint8) * 255, Image.fromarray(m.astype(np.uint8) * 255)):
+        np.testing.assert_array_equal(np.asarray(vp.draw_mask(grey(), other, warn_crop=False)), a)
+    with pytest.raises(ValueError, match=r"rectangle: a box is \(x0, y0, x1, y1\), got 3 numbers"):
+        vp.draw_markers(grey(), [vp.Rectangle((1, 2, 3))])
+    with pytest.raises(ValueError, match=r"point: xy must be \(x, y\), got 3 numbers"):
+        vp.draw_markers(grey(), [vp.Point((1, 2, 3))])
+    with pytest.raises(ValueError, match=r"scribble: point must be \(x, y\) numbers, got 50"):
+        vp.draw_scribble(grey(), (50, 30, 150, 90))  # a box passed as the polyline (first field: points)
+    with pytest.raises(ValueError, match="triangle: needs 3 points, got 2"):
+        vp.draw_markers(grey(), [vp.Triangle(points=((1, 2), (3, 4)))])
+    with pytest.raises(ValueError, match=r"normalized xy \(1.5, 0.5\) must lie in \[0, 1\]"):
+        vp.draw_markers(grey(), [vp.Point((1.5, 0.5), normalized=True)])
+    with pytest.raises(ValueError, match="mask_contour: the mask is empty"):
+        vp.draw_markers(grey(), [vp.MaskContour(np.zeros((H, W), bool))])
+
+
+def test_phrase_colour_words_and_placeholder_errors():
+    assert vp.marker_phrase(vp.Arrow((0, 0), (1, 1), color="green")) == "pointed to by the green arrow"
+    assert vp.marker_phrase(vp.Rectangle((0, 0, 1, 1), color="#0000ff")) == "within the blue rectangle"
+    assert vp.marker_phrase(vp.Triangle(box=(0, 0, 1, 1), color="12,34,56")) == "with the triangle"
+    assert vp.marker_phrase(vp.Mask(disk_mask(), color="purple")) == "with the purple mask"
+    with pytest.raises(ValueError, match="more <bboxN> placeholders than the 1 markers"):
+        vp.build_question("Is <bbox0> near <bbox1>?", vp.Rectangle((0, 0, 1, 1)))
+    with pytest.raises(ValueError, match="at least one marker"):
+        vp.build_question("What is this?")

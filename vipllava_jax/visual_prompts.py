@@ -8,12 +8,23 @@ This module draws them with Pillow and numpy:
     marked = vp.draw_markers(image, [vp.Rectangle((40, 60, 200, 220)), vp.Arrow((300, 20), (230, 90), color="blue")])
     q = vp.build_question("What is the object <bbox0> holding, and what is <bbox1>?", vp.Rectangle(...), vp.Arrow(...))
 
+API: the frozen marker dataclasses `Rectangle(box)`, `Ellipse(box)`, `Triangle(box=None, points=None, seed=0)`,
+`Point(xy, radius=None)`, `Arrow(tail, head, head_size=None)`, `Scribble(points=None, box=None, seed=0)`,
+`MaskContour(mask)`, `Mask(mask)`, each also taking `color="red"`, `width=None`, `alpha=1.0` (Mask: 0.35) and
+`normalized=False` (coordinates as fractions of width / height) by keyword; `make_marker(kind, **kw)` for the
+names in `MARKER_KINDS`; `draw_markers(image, markers, *, pad_to_square=False, warn_crop=True, crop_size=336)`
+and the one-marker shortcuts `draw_rectangle(image, box, **style)` ... `draw_mask(image, mask, **style)`;
+`parse_color`, `load_mask`, `kept_region`, `marker_extent`; `marker_phrase(marker)` and
+`build_question(question, *markers)` for the text.
+
 Where the drawing happens: on the image as the user gave it, before the processor resizes and crops, as
 training did (markers were drawn first, then pad-to-square and the resize to 336 px). So a marker sits where
-the user meant, and its line width is in the image's own pixels. HF's processor, unlike the original training,
-centre-crops: whatever lies outside the centred square of side min(width, height) is cut off.
-`draw_markers` warns when a marker reaches outside that square; pass ``pad_to_square=True`` to pad the image
-to a square with the CLIP mean colour instead (the original training's preprocessing), so nothing is cut.
+the user meant in the user's own pixel coordinates, and its line width is in the image's own pixels. HF's
+processor, unlike the original training, centre-crops: whatever lies outside the centred square of side
+min(width, height) is cut off. `draw_markers` warns when a marker reaches outside that square; pass
+``pad_to_square=True`` to pad the image to a square with the CLIP mean colour instead (the original training's
+preprocessing), so nothing is cut. (The padded image is what `preprocess_image(..., pad_to_square=True)`
+would make of it anyway, so padding here and there gives the same pixels.)
 
 How a marker is drawn: its shape is rasterised (no antialiasing) into a coverage mask, then the colour is
 alpha-blended onto the image through it, like training's transparent RGBA layer alpha-composited onto the
@@ -22,14 +33,18 @@ image. An opaque marker's pixels are exactly its colour.
 Defaults follow ViP-LLaVA's generator (``llava/visual_prompt_generator.py`` in github.com/WisconsinAIVision/
 ViP-LLaVA): sizes scale with max(width, height) / 336; a line width of 3 and a point radius of 8 at 336 px (its
 "constant" style); an arrow head in proportion to the arrow; a scribble as a cubic Bezier curve through
-four random points in the region; a filled mask at lower opacity (training used 48-128 of 255).
+four random points in the region; a filled mask at lower opacity (training used 48-128 of 255). Deliberate
+differences, since here the user places the marker: an ellipse is drawn on the box given (training enlarged
+the object's box by U(1, 1.5)); a point, an arrow's head and a triangle's or scribble's region are exactly
+where asked (training jittered them around the object); the arrow head is always filled; a mask contour is
+drawn as a band just inside the mask's edge (training stroked the polygon outline, half outside).
 
 Phrases: training text named a marker as "{preposition} the {colour} {shape}", the colour left out for an
 unnamed RGB colour, with "<bbox>" / "<bbox0>", "<bbox1>"... placeholders in the questions replaced by these
 phrases (``words_shape`` in ``llava/visual_prompt_generator.py`` and ``vip_conv_generator`` /
 ``get_all_qa`` in ``llava/visual_prompt_organizer.py`` of ViP-LLaVA): "within the red rectangle",
 "within the ellipse", "with the triangle", "at the point", "with the scribble", "with the mask contour",
-"with the mask", "pointed to by the arrow".
+"with the mask", "pointed to by the arrow". (Some training questions dropped the "the"; this keeps it.)
 """
 from __future__ import annotations
 
@@ -46,18 +61,18 @@ from .processing import CLIP_MEAN, expand_to_square
 __all__ = [
     "MARKER_KINDS", "NAMED_COLORS", "Rectangle", "Ellipse", "Triangle", "Point", "Arrow", "Scribble",
     "MaskContour", "Mask", "make_marker", "draw_markers", "parse_color", "load_mask", "marker_phrase",
-    "build_question", "marker_extent", "draw_rectangle", "draw_ellipse", "draw_triangle", "draw_point",
-    "draw_arrow", "draw_scribble", "draw_mask_contour", "draw_mask",
+    "build_question", "marker_extent", "kept_region", "draw_rectangle", "draw_ellipse", "draw_triangle",
+    "draw_point", "draw_arrow", "draw_scribble", "draw_mask_contour", "draw_mask",
 ]
 
 MARKER_KINDS = ("rectangle", "ellipse", "triangle", "point", "arrow", "scribble", "mask_contour", "mask")
 
-# The named colours of ViP-LLaVA's colour pool; training named the first nine in its text.
+# ViP-LLaVA's colour pool (``color_pool`` in llava/visual_prompt_generator.py): the nine colours its training
+# drew and named in the text. Half the time training used a random unnamed RGB colour instead.
 NAMED_COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0), "lime": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
     "fuchsia": (255, 0, 255), "aqua": (0, 255, 255), "orange": (255, 165, 0), "purple": (128, 0, 128),
-    "gold": (255, 215, 0), "pink": (255, 192, 203), "green": (0, 128, 0), "brown": (165, 42, 42),
-    "olive": (128, 128, 0), "teal": (0, 128, 128),
+    "gold": (255, 215, 0),
 }
 
 # (preposition, noun) of each kind in the training text.
@@ -73,34 +88,44 @@ POINT_RADIUS = 8
 
 
 # --- colours -------------------------------------------------------------------------------------------------
+def _unknown_color(color) -> ValueError:
+    return ValueError(f"Unknown colour {color!r}: use one of the training colours {', '.join(NAMED_COLORS)}, "
+                      "another colour name Pillow knows, '#rrggbb', 'r,g,b' or an (r, g, b) tuple of 0-255")
+
+
 def parse_color(color) -> tuple[int, int, int]:
-    """A colour name (the training colours, or any name Pillow knows), "#rrggbb", "r,g,b" or an (r, g, b)
-    tuple -> (r, g, b) ints."""
+    """(r, g, b) ints of a colour: one of the nine training colours (NAMED_COLORS), any other colour name
+    Pillow knows ("green", "pink"...), "#rrggbb", "r,g,b" or an (r, g, b) tuple. Anything else: ValueError."""
+    values = color
     if isinstance(color, str):
         s = color.strip().lower()
         if s in NAMED_COLORS:
             return NAMED_COLORS[s]
         if "," in s:
-            color = tuple(p.strip() for p in s.split(","))
+            values = [p.strip() for p in s.split(",")]
         else:
             try:
                 return tuple(ImageColor.getrgb(s)[:3])
             except ValueError:
-                raise ValueError(f"Unknown colour {color!r}: use one of {', '.join(NAMED_COLORS)}, another "
-                                 f"colour name Pillow knows, '#rrggbb' or 'r,g,b'") from None
+                raise _unknown_color(color) from None
     try:
-        rgb = tuple(int(c) for c in color)
+        rgb = tuple(int(c) for c in values)
     except (TypeError, ValueError):
-        raise ValueError(f"Unknown colour {color!r}: give a name, '#rrggbb' or three integers 0-255") from None
+        raise _unknown_color(color) from None
     if len(rgb) != 3 or any(not 0 <= c <= 255 for c in rgb):
-        raise ValueError(f"Colour {color!r} must be three integers in 0-255")
+        raise ValueError(f"Colour {color!r} must be three integers in 0-255 (r, g, b)")
     return rgb
 
 
 def color_name(color) -> str | None:
-    """The training colour name of a colour, or None for an unnamed RGB colour."""
-    if isinstance(color, str) and color.strip().lower() in NAMED_COLORS:
-        return color.strip().lower()
+    """The word the text uses for a colour: a colour given by name keeps its name ("red", "green"); an RGB
+    value (tuple, "r,g,b", "#rrggbb") is named only when it is one of the nine training colours, and is
+    otherwise None (training left the colour out of the phrase for its random unnamed colours)."""
+    parse_color(color)  # validate
+    if isinstance(color, str):
+        s = color.strip().lower()
+        if s.replace(" ", "").isalpha():
+            return s
     rgb = parse_color(color)
     return next((n for n, v in NAMED_COLORS.items() if v == rgb), None)
 
@@ -147,15 +172,15 @@ class Triangle(_Marker):
 
 @dataclasses.dataclass(frozen=True)
 class Point(_Marker):
-    xy: tuple = (0.0, 0.0)
+    xy: tuple  # the dot's centre (x, y)
     radius: float | None = None  # pixels; None: 8 at 336 px, scaled with the image
     kind = "point"
 
 
 @dataclasses.dataclass(frozen=True)
 class Arrow(_Marker):
-    tail: tuple = (0.0, 0.0)
-    head: tuple = (0.0, 0.0)  # the tip points here
+    tail: tuple  # (x, y) where the shaft starts
+    head: tuple  # (x, y) the tip points at
     head_size: float | None = None  # pixels; None: in proportion to the arrow's length
     kind = "arrow"
 
@@ -170,13 +195,13 @@ class Scribble(_Marker):
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: compared and hashed by identity (arrays inside)
 class MaskContour(_Marker):
-    mask: Any = None  # [H, W] bool / 0-1 / 0-255, the image's size
+    mask: Any  # [H, W] bool / 0-1 / 0-255 (or anything load_mask takes), the image's (height, width)
     kind = "mask_contour"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Mask(_Marker):
-    mask: Any = None
+    mask: Any  # as MaskContour's
     alpha: float = dataclasses.field(default=0.35, kw_only=True)  # training drew filled masks at 48-128 of 255
     kind = "mask"
 
@@ -203,7 +228,10 @@ def _line_width(m: _Marker, size) -> int:
 
 def _xy(m: _Marker, p, size, what: str) -> tuple[float, float]:
     """One (x, y) in pixels, checked to lie on the image."""
-    p = tuple(float(v) for v in p)
+    try:
+        p = tuple(float(v) for v in p)
+    except (TypeError, ValueError):
+        raise ValueError(f"{m.kind}: {what} must be (x, y) numbers, got {p!r}") from None
     if len(p) != 2:
         raise ValueError(f"{m.kind}: {what} must be (x, y), got {len(p)} numbers")
     w, h = size
@@ -217,7 +245,10 @@ def _xy(m: _Marker, p, size, what: str) -> tuple[float, float]:
 
 
 def _box(m: _Marker, box, size) -> tuple[float, float, float, float]:
-    box = tuple(float(v) for v in box)
+    try:
+        box = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"{m.kind}: a box is (x0, y0, x1, y1) numbers, got {box!r}") from None
     if len(box) != 4:
         raise ValueError(f"{m.kind}: a box is (x0, y0, x1, y1), got {len(box)} numbers")
     w, h = size
@@ -350,7 +381,11 @@ def _coverage(m: _Marker, size) -> np.ndarray:
         length = math.hypot(hx - tx, hy - ty)
         if length < 1:
             raise ValueError(f"arrow: tail {m.tail} and head {m.head} are the same point")
-        hs = float(m.head_size) if m.head_size is not None else max(0.3 * length, 4 * lw, 6)
+        # training: head size max(U(0.2, 0.5) x length, 6 px at 336 px); here 0.3 x length, and never much
+        # narrower than the shaft
+        hs = float(m.head_size) if m.head_size is not None else max(0.3 * length, 4 * lw, 6 * _scale(size))
+        if hs <= 0:
+            raise ValueError(f"arrow: head_size must be > 0, got {m.head_size}")
         hs = min(hs, length)
         ux, uy = (hx - tx) / length, (hy - ty) / length
         bx, by = hx - ux * hs, hy - uy * hs  # the base of the head
@@ -385,37 +420,53 @@ def _as_image(image) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a[..., :3]))
 
 
-def _kept_square(size) -> tuple[float, float, float, float]:
-    """The region of the original image that a shortest-side resize + centre crop keeps."""
+def kept_region(size: tuple[int, int], crop_size: int = 336) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in original pixels of what HF's CLIP processor keeps of an image of `size` (width,
+    height): the shortest side resized to `crop_size` (the long side to int(crop_size * long / short), as
+    transformers rounds), then a centre crop of crop_size x crop_size (offset (new_long - crop_size) // 2).
+    That is the centred square of side min(width, height), up to a fraction of a pixel."""
     w, h = size
-    s = min(w, h)
-    return (w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2
+    short, long = min(w, h), max(w, h)
+    new_long = int(crop_size * long / short)
+    off = (new_long - crop_size) // 2
+    lo, hi = off * long / new_long, (off + crop_size) * long / new_long
+    return (lo, 0.0, hi, float(h)) if w > h else (0.0, lo, float(w), hi)
 
 
 def draw_markers(image, markers: Sequence[_Marker] | _Marker, *, pad_to_square: bool = False,
-                 warn_crop: bool = True) -> Image.Image:
-    """A new RGB image with `markers` drawn in order (later ones on top). `image`: PIL or [H, W, 3] uint8;
-    it is not modified. pad_to_square: pad the result to a square with the CLIP mean colour (no crop then).
-    warn_crop: warn when a marker reaches outside the centre square HF's processor keeps."""
+                 warn_crop: bool = True, crop_size: int = 336) -> Image.Image:
+    """A new RGB image with `markers` drawn in order (later ones on top), before any resize or crop.
+
+    image: a PIL image or an [H, W, 3] uint8 array; it is not modified.
+    pad_to_square: after drawing, pad the result to a square with the CLIP mean colour (the original
+      training's preprocessing): nothing will be cropped, so no crop warning.
+    warn_crop: warn (UserWarning, naming the marker) when any part of a marker lies outside the region HF's
+      processor keeps: the shortest side resized to `crop_size`, then centre-cropped (see `kept_region`).
+    """
     img = _as_image(image)
     if isinstance(markers, _Marker):
         markers = [markers]
+    markers = list(markers)
     out = np.asarray(img).astype(np.float32)
-    kx0, ky0, kx1, ky1 = _kept_square(img.size)
-    for m in markers:
+    check = warn_crop and not pad_to_square and img.size[0] != img.size[1]
+    kx0, ky0, kx1, ky1 = kept_region(img.size, crop_size) if check else (0, 0, 0, 0)
+    for i, m in enumerate(markers):
         if not isinstance(m, _Marker):
-            raise TypeError(f"not a marker: {m!r}")
+            raise TypeError(f"markers[{i}] is not a marker: {m!r}")
         cov = _coverage(m, img.size)
         a = float(m.alpha)
         color = np.asarray(parse_color(m.color), np.float32)
         out[cov] = out[cov] * (1 - a) + color * a
-        if warn_crop and not pad_to_square and img.size[0] != img.size[1]:
+        if check:
             ys, xs = np.nonzero(cov)
-            if len(xs) and (xs.min() < kx0 or ys.min() < ky0 or xs.max() + 1 > kx1 or ys.max() + 1 > ky1):
+            eps = 1e-6
+            if len(xs) and (xs.min() < kx0 - eps or ys.min() < ky0 - eps or xs.max() + 1 > kx1 + eps
+                            or ys.max() + 1 > ky1 + eps):
+                which = f" (marker {i + 1} of {len(markers)})" if len(markers) > 1 else ""
                 warnings.warn(
-                    f"{m.kind} marker spans x {xs.min()}-{xs.max() + 1}, y {ys.min()}-{ys.max() + 1}, beyond the "
-                    f"centre square x {kx0:g}-{kx1:g}, y {ky0:g}-{ky1:g} that the processor's centre crop keeps of "
-                    f"this {img.size[0]}x{img.size[1]} image: the model will not see all of it (use "
+                    f"{m.kind} marker{which} spans x {xs.min()}-{xs.max() + 1}, y {ys.min()}-{ys.max() + 1}, beyond "
+                    f"the centre square x {kx0:.4g}-{kx1:.4g}, y {ky0:.4g}-{ky1:.4g} that the processor's centre "
+                    f"crop keeps of this {img.size[0]}x{img.size[1]} image: the model will not see all of it (use "
                     f"pad_to_square=True, or --pad-to-square)", UserWarning, stacklevel=2)
     res = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
     if pad_to_square:
@@ -424,8 +475,10 @@ def draw_markers(image, markers: Sequence[_Marker] | _Marker, *, pad_to_square: 
 
 
 def _one(cls):
-    def draw(image, *args, pad_to_square: bool = False, warn_crop: bool = True, **kw) -> Image.Image:
-        return draw_markers(image, [cls(*args, **kw)], pad_to_square=pad_to_square, warn_crop=warn_crop)
+    def draw(image, *args, pad_to_square: bool = False, warn_crop: bool = True, crop_size: int = 336,
+             **style) -> Image.Image:
+        return draw_markers(image, [cls(*args, **style)], pad_to_square=pad_to_square, warn_crop=warn_crop,
+                            crop_size=crop_size)
     draw.__name__ = f"draw_{cls.kind}"
     draw.__doc__ = f"draw_markers(image, [{cls.__name__}(*args, **kw)]): a new image with one {cls.kind}."
     return draw
