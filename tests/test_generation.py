@@ -12,8 +12,10 @@ from vipllava_jax.generation import (SamplingConfig, StopStrings, _compiled, app
                                      apply_temperature, apply_top_k, apply_top_p, bucket_length, generate,
                                      generate_stream, generate_stream_tokens, select_tokens, stop_strings_for)
 from vipllava_jax.processing import Processor, build_prompt
-from vipllava_jax.testing import TINY_IMAGE_TOKEN, TINY_PAD_TOKEN, make_tiny_checkpoint
+from vipllava_jax.testing import TINY_PAD_TOKEN, make_tiny_checkpoint
 from vipllava_jax.tiny_tokenizer import make_tiny_processor
+
+from test_parity import make_inputs
 
 N = 10
 
@@ -27,17 +29,9 @@ def tiny(tmp_path_factory):
     return d, tm, module, params
 
 
-def batch(rng, n_img=25):
+def batch(rng):
     """Row 0: two images, 62 tokens; row 1: one image and 9 left-pad tokens."""
-    t = 2 * n_img + 12
-    ids = rng.integers(3, 99, (2, t))
-    ids[0, 2:2 + n_img] = TINY_IMAGE_TOKEN
-    ids[0, 6 + n_img:6 + 2 * n_img] = TINY_IMAGE_TOKEN
-    ids[1, 20:20 + n_img] = TINY_IMAGE_TOKEN
-    mask = np.ones_like(ids)
-    mask[1, :9] = 0
-    ids[1, :9] = TINY_PAD_TOKEN
-    return ids, rng.standard_normal((3, 3, 30, 30)).astype(np.float32), mask
+    return make_inputs(rng, n_pad=9)
 
 
 def hf_generate(tm, ids, pixels, mask, n=N, **kw):

@@ -20,16 +20,16 @@ def rel_err(ours, ref, mask=None):
     return np.abs(ours - ref).max() / np.abs(ref).max()
 
 
-def make_inputs(rng, n_img=25):
-    """Batch of 2: row 0 holds two images, row 1 one image and 7 left-pad tokens."""
+def make_inputs(rng, n_img=25, n_pad=7):
+    """Batch of 2: row 0 holds two images, row 1 one image and n_pad left-pad tokens."""
     t = 2 * n_img + 12
     ids = rng.integers(3, 99, (2, t))
     ids[0, 2:2 + n_img] = TINY_IMAGE_TOKEN
     ids[0, 6 + n_img:6 + 2 * n_img] = TINY_IMAGE_TOKEN
     ids[1, 20:20 + n_img] = TINY_IMAGE_TOKEN
     mask = np.ones_like(ids)
-    mask[1, :7] = 0
-    ids[1, :7] = 101
+    mask[1, :n_pad] = 0
+    ids[1, :n_pad] = 101
     pixels = rng.standard_normal((3, 3, 30, 30)).astype(np.float32)
     return ids, pixels, mask
 

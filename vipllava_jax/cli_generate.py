@@ -167,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
     enable_compilation_cache(args.compilation_cache)
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from .checkpoint import load_pretrained, resolve_model_path
     from .distributed import mesh_from_args
     from .generation import generate, generate_stream, stop_strings_for

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ import numpy as np
 from flax import struct
 
 from .llama import KVCache
-from .vipllava import VipLlavaForConditionalGeneration, default_positions, image_token_mismatch
+from .vipllava import VipLlavaForConditionalGeneration, image_token_mismatch
 
 Array = jax.Array
 
