@@ -258,6 +258,12 @@ def test_prompt_buckets_share_one_compile(tiny):
     assert (after.hits, after.misses) == (before.hits + 1, before.misses)
     np.testing.assert_array_equal(
         short, generate(module, params, row[0][:, 3:], row[1], row[2][:, 3:], max_new_tokens=5, bucket=False))
+    # max_new_tokens is bucketed too: 7 reuses the compile for 5, and its first 5 tokens are the same
+    before = _compiled.cache_info()
+    longer = generate(module, params, row[0][:, 3:], row[1], row[2][:, 3:], max_new_tokens=7)
+    assert _compiled.cache_info().misses == before.misses
+    assert longer.shape == (1, 7)
+    np.testing.assert_array_equal(longer[:, :5], short)
 
 
 def test_bad_inputs(tiny):

@@ -232,7 +232,7 @@ class DecodeState:
 @dataclasses.dataclass(frozen=True)
 class _Static:
     sampling: SamplingConfig
-    max_new_tokens: int
+    max_new_tokens: int  # capacity: the requested count rounded up to a bucket (the real limit is traced)
     eos: tuple[int, ...]
     pad: int
 
@@ -411,6 +411,8 @@ def _unscanned(module, params):
     if not (cfg.text.scan_layers or cfg.vision.scan_layers):
         return module, params
     from .checkpoint import relayout
+    warnings.warn("generating with scanned (stacked) layers: each call unstacks a copy of the weights; load with "
+                  "scan_layers=False (the default) for inference", stacklevel=4)
     module = VipLlavaForConditionalGeneration(cfg.with_layout(scan_layers=False, remat_policy="none"), module.dtype)
     return module, relayout(params, scan_layers=False)
 
@@ -425,7 +427,11 @@ class _Run:
         eos = _eos_ids(cfg, eos_token_id)
         rules = None if mesh is None else tuple(rules or _default_rules())
         prep = _prepare(module, input_ids, pixel_values, attention_mask, max_new_tokens, mesh, rules, bucket)
-        self.st = _Static(sampling, int(max_new_tokens), eos, _pad_id(cfg, pad_token_id, eos))
+        # Capacity is bucketed like prompt lengths, so a new max_new_tokens rarely recompiles; the requested
+        # count is the loop's traced limit.
+        self.n = int(max_new_tokens)
+        cap = bucket_length(self.n) if bucket else self.n
+        self.st = _Static(sampling, cap, eos, _pad_id(cfg, pad_token_id, eos))
         if stop_strings is None:
             stop = StopStrings((" ",), np.zeros((1, 1, cfg.text.vocab_size), np.int32),
                                np.zeros((1, 1, cfg.text.vocab_size), bool))
@@ -437,7 +443,7 @@ class _Run:
                                  f"{cfg.text.vocab_size}")
         stop0 = stop.initial_state(prep.ids, prep.mask) if stop_strings is not None else \
             np.zeros((prep.ids.shape[0], 1), np.int32)
-        cache_len = prep.ids.shape[1] + int(max_new_tokens)
+        cache_len = prep.ids.shape[1] + cap
         has_pixels = pixel_values is not None
         pix_mode = None
         if has_pixels:
@@ -453,7 +459,8 @@ class _Run:
         if mesh is not None:
             args = self._place(module, args, has_pixels)
         else:
-            self.tables = tuple(jnp.asarray(t) for t in self.tables)
+            self.tables = _empty_tables(cfg.text.vocab_size) if stop_strings is None else \
+                tuple(jnp.asarray(t) for t in self.tables)
             if has_pixels:
                 args[2] = jnp.asarray(pixel_values)
         self.params = args[0]
@@ -476,7 +483,7 @@ class _Run:
 
     @property
     def finished(self) -> bool:
-        return int(self.state.step) >= self.st.max_new_tokens or bool(np.all(self._host(self.state.done)))
+        return int(self.state.step) >= self.n or bool(np.all(self._host(self.state.done)))
 
     def _host(self, x) -> np.ndarray:
         if self.mesh is None:
@@ -485,7 +492,7 @@ class _Run:
         return to_host(x)
 
     def advance(self, limit: int) -> None:
-        limit = np.asarray(limit, np.int32)
+        limit = np.asarray(min(int(limit), self.n), np.int32)
         if self.mesh is not None:
             from .sharding import put_global
             from jax.sharding import NamedSharding, PartitionSpec as P
@@ -493,11 +500,17 @@ class _Run:
         self.state = self.decode(self.params, self.state, limit, self.tables)
 
     def tokens(self) -> np.ndarray:
-        return self._host(self.state.tokens)[: self.b]
+        return self._host(self.state.tokens)[: self.b, : self.n]
 
     @property
     def step(self) -> int:
         return int(self.state.step)
+
+
+@functools.lru_cache(maxsize=4)
+def _empty_tables(vocab_size: int):
+    """Stop-string tables that never fire (no stop strings), kept on the device across calls."""
+    return jnp.zeros((1, 1, vocab_size), jnp.int32), jnp.zeros((1, 1, vocab_size), bool)
 
 
 def _default_rules():
@@ -524,8 +537,7 @@ def generate(module, params, input_ids, pixel_values=None, attention_mask=None, 
     run = _Run(module, params, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
                sampling=sampling, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                stop_strings=stop_strings, mesh=mesh, rules=rules, bucket=bucket)
-    if run.step < max_new_tokens:
-        run.advance(max_new_tokens)
+    run.advance(max_new_tokens)  # no host sync in between: the loop does nothing if prefill already finished
     return run.tokens()
 
 
