@@ -104,6 +104,26 @@ def test_left_padded_row_equals_row_alone(gqa_ckpt):
     assert rel_err(batch[1, 7:], alone[0]) < RTOL
 
 
+def test_attention_through_jax_dot_product_attention(gqa_ckpt):
+    """attn_impl="jax" makes the jax.nn.dot_product_attention call that the cuDNN path makes (same
+    layout, [B, 1, T, S] mask, GQA), letting JAX pick a kernel that runs on CPU. Left-pad rows are
+    fully masked there, so this also checks they stay finite and do not leak into real rows."""
+    import dataclasses
+
+    from vipllava_jax.vipllava import VipLlavaForConditionalGeneration
+
+    d, tm = gqa_ckpt
+    module, params = load_pretrained(d, progress=False)
+    cfg = module.config
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, attn_impl="jax"))
+    ids, pixels, mask = make_inputs(np.random.default_rng(5))
+    out = VipLlavaForConditionalGeneration(cfg).apply({"params": params}, ids, pixels, mask).logits
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, torch_logits(tm, ids, pixels, mask), mask.astype(bool)) < RTOL
+    with pytest.raises(ValueError, match="attn_impl='flash'"):
+        dataclasses.replace(cfg.text, attn_impl="flash")
+
+
 def test_sharded_safetensors_with_index(tmp_path):
     tm = make_tiny_checkpoint(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

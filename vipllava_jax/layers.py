@@ -87,6 +87,9 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * xf.astype(self.dtype)
 
 
+ATTN_IMPLS = ("auto", "cudnn", "xla", "jax")
+
+
 def _use_cudnn(q: Array, t: int) -> bool:
     return (
         jax.default_backend() == "gpu"
@@ -100,15 +103,18 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, im
 
     q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S] (True = attend) or None.
     Returns [B, T, N, H]. ``impl``: "auto" (cuDNN on GPU for bf16/fp16 prefill,
-    XLA otherwise), "cudnn" or "xla".
+    the einsum path otherwise), "cudnn", "xla" (the einsum path below) or "jax"
+    (``jax.nn.dot_product_attention`` choosing its own implementation; it takes
+    the same arguments as the cuDNN call, so CPU tests check that call's layout).
     """
     b, t, n, h = q.shape
     kh = k.shape[2]
-    if impl == "cudnn" or (impl == "auto" and _use_cudnn(q, t)):
-        m = None if mask is None else mask[:, None, :, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, implementation="cudnn")
-    if impl not in ("auto", "xla"):
-        raise ValueError(f"Unknown attention impl {impl!r}")
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"Unknown attention impl {impl!r}; expected one of {ATTN_IMPLS}")
+    if impl in ("cudnn", "jax") or (impl == "auto" and _use_cudnn(q, t)):
+        m = None if mask is None else mask[:, None, :, :]  # [B, 1, T, S], broadcast over heads
+        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
+                                            implementation=None if impl == "jax" else "cudnn")
     g = n // kh
     qg = q.reshape(b, t, kh, g, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
