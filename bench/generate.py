@@ -255,9 +255,11 @@ def main(argv=None) -> int:
     cache = Path(tempfile.mkdtemp(prefix="vipllava-bench-xla-"))
     if args.cpu:
         jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cache_settings = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                      "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved_settings = {k: getattr(jax.config, k) for k in cache_settings}  # restored when main() returns
+    for k, v in cache_settings.items():
+        jax.config.update(k, v)
     import torch
     import transformers
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -311,6 +313,8 @@ def main(argv=None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+        for k, v in saved_settings.items():  # the cache folder goes away: stop pointing at it
+            jax.config.update(k, v)
         shutil.rmtree(cache, ignore_errors=True)
     print(f"\n{args.config} {dtype}: {meta['prompt_tokens']} text tokens + 1 image ({meta['image_size']} px, "
           f"{meta['image_tokens']} image tokens), {args.new_tokens} new tokens, median of {args.repeats}; "

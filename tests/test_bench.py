@@ -12,8 +12,11 @@ def test_generate_benchmark_tiny(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.jsonl"
     monkeypatch.setattr(sys, "argv", [str(BENCH), "--config", "tiny", "--batches", "1,2", "--new-tokens", "6",
                                       "--repeats", "1", "--json", str(out), "--workdir", str(tmp_path)])
+    import jax
+    cache_dir = jax.config.jax_compilation_cache_dir
     bench = runpy.run_path(str(BENCH))
     assert bench["main"]() == 0
+    assert jax.config.jax_compilation_cache_dir == cache_dir  # not left pointing at the deleted folder
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     got = {(r["impl"], r["metric"], r["batch"]) for r in rows}
     for impl in ("jax", "torch"):

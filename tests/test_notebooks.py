@@ -1,4 +1,5 @@
 """The Colab notebook runs top to bottom (nbclient) on the tiny model, its parameter cell set as CI would."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +8,13 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "vipllava_visual_prompts.ipynb"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "vipllava_visual_prompts.ipynb"
 
 
-def test_inference_notebook_runs_top_to_bottom(tmp_path):
+def test_inference_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    # The kernel imports this checkout's package even when it is not pip-installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"

@@ -124,6 +124,29 @@ def test_attention_through_jax_dot_product_attention(gqa_ckpt):
         dataclasses.replace(cfg.text, attn_impl="flash")
 
 
+def test_bfloat16_error_is_torch_bfloat16_error(gqa_ckpt):
+    """In bf16 both implementations round; ours should stray from the fp32 reference no more than
+    PyTorch's bf16 run does (up to a small factor) and stay close to PyTorch's bf16 logits."""
+    import copy
+
+    d, tm = gqa_ckpt
+    ids, pixels, mask = make_inputs(np.random.default_rng(6))
+    real = mask.astype(bool)
+    ref32 = torch_logits(tm, ids, pixels, mask)
+    tb = copy.deepcopy(tm).to(torch.bfloat16)
+    with torch.no_grad():
+        ref16 = tb(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).bfloat16(),
+                   attention_mask=torch.tensor(mask)).logits.float().numpy()
+    module, params = load_pretrained(d, dtype=jnp.bfloat16, progress=False)
+    out = module.apply({"params": params}, ids, jnp.asarray(pixels, jnp.bfloat16), mask).logits
+    assert out.dtype == jnp.bfloat16
+    ours16 = np.asarray(out.astype(jnp.float32))
+    torch_err = rel_err(ref16, ref32, real)
+    assert 0 < torch_err < 0.05
+    assert rel_err(ours16, ref32, real) < 2 * torch_err
+    assert rel_err(ours16, ref16, real) < 2 * torch_err
+
+
 def test_sharded_safetensors_with_index(tmp_path):
     tm = make_tiny_checkpoint(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
