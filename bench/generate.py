@@ -315,6 +315,8 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         for k, v in saved_settings.items():  # the cache folder goes away: stop pointing at it
             jax.config.update(k, v)
+        from jax.experimental.compilation_cache import compilation_cache
+        compilation_cache.reset_cache()  # the cache object keeps its path until reset
         shutil.rmtree(cache, ignore_errors=True)
     print(f"\n{args.config} {dtype}: {meta['prompt_tokens']} text tokens + 1 image ({meta['image_size']} px, "
           f"{meta['image_tokens']} image tokens), {args.new_tokens} new tokens, median of {args.repeats}; "

@@ -3,6 +3,7 @@ It checks that the benchmark works, not how fast anything is."""
 import json
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
@@ -17,6 +18,14 @@ def test_generate_benchmark_tiny(tmp_path, capsys, monkeypatch):
     bench = runpy.run_path(str(BENCH))
     assert bench["main"]() == 0
     assert jax.config.jax_compilation_cache_dir == cache_dir  # not left pointing at the deleted folder
+    saved = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # so that any cache would be written
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a write into the deleted cache folder would warn
+            jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(7.0)).block_until_ready()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     got = {(r["impl"], r["metric"], r["batch"]) for r in rows}
     for impl in ("jax", "torch"):
