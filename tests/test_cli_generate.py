@@ -142,3 +142,23 @@ def test_marker_flag_errors(ckpt, capsys, tmp_path):
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "m.png")
     rc, _, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "hi", "--mask", tmp_path / "m.png")
     assert rc == 2 and "does not match the image's" in err
+
+
+def test_persistent_compilation_cache_on_by_default(ckpt, tmp_path):
+    """With no --compilation-cache flag the CLI writes JAX's persistent cache (in a fresh process, since the
+    setting is global), and a second run that reads it gives the same answer."""
+    import os
+    import subprocess
+    import sys
+
+    hf, _, img = ckpt
+    env = {**os.environ, "VIPLLAVA_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "vipllava_jax.cli", "generate", "--model", str(hf), "--image", str(img),
+           "--prompt", QUESTION, "--max-new-tokens", "4", "--system", "", "--no-stream"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    entries = list((tmp_path / "cache" / "xla").iterdir())
+    assert any("prefill" in e.name for e in entries) and any("decode" in e.name for e in entries), entries
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout and first.stdout.strip()
