@@ -35,9 +35,11 @@ def make_inputs(rng, n_img=25, n_pad=7):
 
 
 def torch_logits(tm, ids, pixels, mask):
+    """fp32 numpy logits of the PyTorch model, the pixels cast to the model's dtype."""
     with torch.no_grad():
-        return tm(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
-                  attention_mask=torch.tensor(mask)).logits.numpy()
+        pv = torch.tensor(pixels).to(next(tm.parameters()).dtype)
+        return tm(input_ids=torch.tensor(ids), pixel_values=pv,
+                  attention_mask=torch.tensor(mask)).logits.float().numpy()
 
 
 VARIANTS = {
@@ -133,10 +135,7 @@ def test_bfloat16_error_is_torch_bfloat16_error(gqa_ckpt):
     ids, pixels, mask = make_inputs(np.random.default_rng(6))
     real = mask.astype(bool)
     ref32 = torch_logits(tm, ids, pixels, mask)
-    tb = copy.deepcopy(tm).to(torch.bfloat16)
-    with torch.no_grad():
-        ref16 = tb(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).bfloat16(),
-                   attention_mask=torch.tensor(mask)).logits.float().numpy()
+    ref16 = torch_logits(copy.deepcopy(tm).to(torch.bfloat16), ids, pixels, mask)
     module, params = load_pretrained(d, dtype=jnp.bfloat16, progress=False)
     out = module.apply({"params": params}, ids, jnp.asarray(pixels, jnp.bfloat16), mask).logits
     assert out.dtype == jnp.bfloat16

@@ -90,6 +90,12 @@ class RMSNorm(nn.Module):
 ATTN_IMPLS = ("auto", "cudnn", "xla", "jax")
 
 
+def check_attn_impl(impl: str) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"Unknown attn_impl={impl!r}; choose from {ATTN_IMPLS}")
+    return impl
+
+
 def _use_cudnn(q: Array, t: int) -> bool:
     return (
         jax.default_backend() == "gpu"
@@ -109,8 +115,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, im
     """
     b, t, n, h = q.shape
     kh = k.shape[2]
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"Unknown attention impl {impl!r}; expected one of {ATTN_IMPLS}")
+    check_attn_impl(impl)
     if impl in ("cudnn", "jax") or (impl == "auto" and _use_cudnn(q, t)):
         m = None if mask is None else mask[:, None, :, :]  # [B, 1, T, S], broadcast over heads
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import ACTIVATIONS, ATTN_IMPLS, REMAT_POLICIES, RMSNorm, attention, check_activation, check_remat, dense, logical
+from .layers import (ACTIVATIONS, REMAT_POLICIES, RMSNorm, attention, check_activation, check_attn_impl, check_remat,
+                     dense, logical)
 
 Array = jax.Array
 
@@ -70,8 +71,7 @@ class LlamaConfig:
     def __post_init__(self):
         check_activation(self.hidden_act, "text_config.hidden_act")
         check_remat(self.remat_policy)
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+        check_attn_impl(self.attn_impl)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
