@@ -155,12 +155,14 @@ class VipLlavaForConditionalGeneration(nn.Module):
 
     def __call__(self, input_ids: Array, pixel_values: Array | None = None, attention_mask: Array | None = None,
                  *, position_ids: Array | None = None, cache: KVCache | None = None,
-                 image_features: Array | None = None, return_hidden_states: bool = False,
-                 last_token_only: bool = False) -> VipLlavaOutput:
+                 image_features: Array | None = None, image_valid: Array | None = None,
+                 return_hidden_states: bool = False, last_token_only: bool = False) -> VipLlavaOutput:
         """input_ids [B, T] with each image placeholder expanded to image_seq_length image tokens;
         pixel_values [I, 3, H, W], the images in the order they appear in the batch (row-major);
         attention_mask [B, T] (1 = token, 0 = padding; pad on the left).
         ``image_features`` [I, P, D] may be given instead of pixel_values (already projected).
+        ``image_valid`` [I] bool marks the real images when the image count is padded to a fixed bucket (so a
+        jitted train step compiles once): padding images come last and have no image tokens.
         ``last_token_only`` computes logits for the last position only ([B, 1, V])."""
         c = self.config
         b, t = input_ids.shape
@@ -172,12 +174,12 @@ class VipLlavaForConditionalGeneration(nn.Module):
         embeds = self.language_model.embed(input_ids)
         ok = None
         if image_features is not None:
-            n_img = image_features.shape[0]
-            if not isinstance(input_ids, jax.core.Tracer):
-                err = image_token_mismatch(input_ids, n_img, c.image_token_index, image_features.shape[1])
+            n_img = image_features.shape[0] if image_valid is None else jnp.sum(image_valid)
+            if not isinstance(input_ids, jax.core.Tracer) and not isinstance(n_img, jax.core.Tracer):
+                err = image_token_mismatch(input_ids, int(n_img), c.image_token_index, image_features.shape[1])
                 if err:
                     raise ValueError(err)
-            embeds, ok = merge_image_features(embeds, input_ids, image_features, c.image_token_index)
+            embeds, ok = merge_image_features(embeds, input_ids, image_features, c.image_token_index, n_img)
         if position_ids is None:
             position_ids = default_positions(attention_mask, b, t)
         out: DecoderOutput = self.language_model(embeds, position_ids, attention_mask, cache, return_hidden_states)
@@ -190,14 +192,17 @@ class VipLlavaForConditionalGeneration(nn.Module):
                               vision_hidden_states=vision_hs, hidden_states=out.hidden_states)
 
 
-def merge_image_features(embeds: Array, input_ids: Array, features: Array, image_token: int) -> tuple[Array, Array]:
+def merge_image_features(embeds: Array, input_ids: Array, features: Array, image_token: int,
+                         num_images=None) -> tuple[Array, Array]:
     """Put features [I, P, D] into the image-token positions of embeds [B, T, D], in row-major order
-    (HF's masked_scatter). Returns (embeds, counts_match)."""
+    (HF's masked_scatter). ``num_images`` (may be traced): how many of the I images are real (the first ones).
+    Returns (embeds, counts_match)."""
     b, t, d = embeds.shape
     is_img = (input_ids == image_token).reshape(-1)
     flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
     idx = jnp.cumsum(is_img.astype(jnp.int32)) - 1
     gathered = jnp.take(flat, jnp.clip(idx, 0, flat.shape[0] - 1), axis=0)
     merged = jnp.where(is_img[:, None], gathered, embeds.reshape(-1, d)).reshape(b, t, d)
-    ok = jnp.sum(is_img) == flat.shape[0]
+    n_features = flat.shape[0] if num_images is None else num_images * features.shape[1]
+    ok = jnp.sum(is_img) == n_features
     return merged, ok
