@@ -1,0 +1,1 @@
+"""Fine-tuning: data, loss, optimizer, train step, checkpoints, export (issue 12)."""
