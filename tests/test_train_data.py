@@ -8,9 +8,11 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 from vipllava_jax import visual_prompts as vp
-from vipllava_jax.processing import Processor, build_prompt
+from vipllava_jax.processing import ImageConfig, Processor, build_prompt
 from vipllava_jax.tiny_tokenizer import make_tiny_processor
 from vipllava_jax.training import data as D
 
@@ -120,6 +122,61 @@ def test_first_turn_without_image_tag_gets_it_prepended(env):
     c = [{"from": "gpt", "value": "x"}] + conv(("Q?", "A.")) + [{"from": "human", "value": "left"}]
     ex = encode(env, {"id": "r", "conversations": c})
     assert ex.text == "Sys. USER: Q? ASSISTANT: A.</s>"
+
+
+def sentencepiece_like(legacy: bool, extra_merges=()):
+    """A Llama-like fast tokenizer: "\u2581" for spaces (prefix space per segment when legacy, Metaspace
+    prepend_scheme="first" otherwise), BPE merges across characters including a space's "\u2581"."""
+    sp = "\u2581"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in [sp, "\n"] + [chr(c) for c in range(33, 127)]:
+        vocab.setdefault(ch, len(vocab))
+    pairs = list(extra_merges) + [
+        (sp, "A"), ("A", "S"), (sp + "A", "S"), (sp + "AS", "S"), ("I", "S"), ("IS", "T"), ("A", "N"), ("AN", "T"),
+        (sp, "U"), (sp + "U", "S"), (sp + "US", "E"), (sp + "USE", "R"), ("#", "#"), ("##", "#"), (sp, "c"),
+        (sp + "c", "a"), (sp + "ca", "t"), (sp, "W"), (sp + "W", "h"), (sp + "Wh", "a"), (sp + "Wha", "t"),
+        ("a", "t"), (sp, "H"), (sp + "H", "u"), (".", sp)]
+    for a, b in pairs:
+        vocab.setdefault(a + b, len(vocab))
+    for t in ("<image>", "<pad>"):
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>"))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(sp), normalizers.Replace(" ", sp)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=sp, prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(replacement=sp, prepend_scheme="never", split=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<unk>", "<s>", "</s>", "<image>", "<pad>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="<pad>")
+    return types.SimpleNamespace(tokenizer=t, image_seq_length=4, image_token_id=t.convert_tokens_to_ids("<image>"),
+                                 image_token="<image>", pad_token_id=t.pad_token_id,
+                                 image_config=ImageConfig(size={"shortest_edge": 30},
+                                                          crop_size={"height": 30, "width": 30}))
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "metaspace"])
+@pytest.mark.parametrize("template", D.TEMPLATES)
+def test_sentencepiece_style_pieces_equal_whole_string(env, template, legacy):
+    """Spaces attach to the next word and merge with it: the pieces still split at token edges, and equal
+    whole-string tokenization (checked inside encode_example)."""
+    proc = sentencepiece_like(legacy)
+    answers = ["A cat at ASSISTANT.", "What"]
+    rec = {"id": "sp", "image": "a.png", "conversations": conv(("What cat?\n<image>", answers[0]),
+                                                               ("USER: cat", answers[1]))}
+    ex = D.encode_example(rec, proc, cfg(template=template, system_prompt="A chat."), image_folder=env.folder)
+    eot = "</s>" if template == "llava_v1" else "###"
+    tok = proc.tokenizer
+    spans = [tok.convert_ids_to_tokens(s) for s in kept_spans(ex.labels)]
+    assert ["".join(s) for s in spans] == [("\u2581" + a).replace(" ", "\u2581") + eot for a in answers]
+    assert (ex.input_ids == proc.image_token_id).sum() == 4
+    # a merge across the "###" / "Human" edge: no clean boundary, so a DataError, never silently shifted labels
+    if template == "llava_v0":
+        bad = sentencepiece_like(legacy, extra_merges=[("#", "H")])
+        with pytest.raises(D.DataError, match="tokenization mismatch"):
+            D.encode_example(rec, bad, cfg(template=template, system_prompt="A chat."), image_folder=env.folder)
 
 
 # --- markers ---------------------------------------------------------------------------------------------------
@@ -342,6 +399,9 @@ def test_host_shards_are_disjoint_and_complete(env):
     counts = [len(list(D.make_eval_iterator(recs, env.proc, cfg(batch_size=2, max_length=64), shard_index=h,
                                             shard_count=3))) for h in range(3)]
     assert counts == [2, 2, 2]
+    few = [{"id": "only", "conversations": conv(("Q", "A"))}]  # a host whose share is empty still keeps step
+    assert [len(list(D.make_eval_iterator(few, env.proc, cfg(batch_size=2, max_length=64), shard_index=h,
+                                          shard_count=2))) for h in range(2)] == [1, 1]
 
 
 def test_worker_processes_give_the_same_batches(env):

@@ -3,7 +3,8 @@
 Records (LLaVA's format, a JSON list or JSONL, `load_records`)::
 
     {"id": "000001", "image": "coco/1.jpg" | ["a.jpg", "b.jpg"] | absent (text only),
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is <bbox0>?"}, {"from": "gpt", "value": "A cat."}, ...],
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is <bbox0>?"},
+                       {"from": "gpt", "value": "A cat."}, ...],
      "bboxes": [[x0, y0, x1, y1], ...],                      # optional, pixels of the (first) image
      "segmentations": [[[x, y, x, y, ...], ...], ...],       # optional, per region COCO polygons
      "marker_kinds": ["rectangle", "arrow"]}                 # optional, overrides DataConfig.marker_kinds
@@ -28,9 +29,11 @@ The end of an assistant turn is ``</s>`` (the eos token) for v1, and for v0 the 
 ``conv_llava_v0``'s sep; `build_prompt` leaves it off the last answer, for generation, training puts it after
 every answer so the model learns to stop there: stop generation on "###").
 
-Ids are built piece by piece (BOS once, then the system text, each human turn including its "ASSISTANT:"
-tag, each answer with the space before it, each end-of-turn), each piece tokenized in the context of the text
-before it since the last special token, so no token straddles a human/answer boundary; the result is then
+Ids are built piece by piece (BOS once, then the masked text -- system, human turn, "ASSISTANT:" tag --, each
+answer with the space before it and its end-of-turn, each ``<image>``; neighbouring text pieces with the same
+mask are one piece), each piece tokenized in the context of the text before it since the last special token
+and required to extend that context's tokens, so no token straddles a human/answer boundary (the space before
+an answer goes with the answer, as SentencePiece attaches it to the next word); the result is then
 checked equal to tokenizing the whole prompt string at once (what inference does), and a difference is a
 `DataError` ("tokenization mismatch", LLaVA issues #779/#1166) instead of a silently masked sample. Labels
 (HF convention: same positions as input_ids, the loss shifts) are -100 on BOS, the system text, human turns,
@@ -61,7 +64,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -467,7 +470,13 @@ def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=Non
             pieces += [(IMAGE_TOKEN, False, True), (p, False, False)]
         pieces.append((tp.answer_prefix + a, True, False))
         pieces.append((tp.end_of_turn, True, tp.end_of_turn == eos))
-    pieces = [p for p in pieces if p[0]]
+    merged: list[tuple[str, bool, bool]] = []
+    for p in pieces:  # only boundaries where the label mask changes (or a special token) need to be token edges
+        if merged and not p[2] and not merged[-1][2] and merged[-1][1] == p[1]:
+            merged[-1] = (merged[-1][0] + p[0], p[1], False)
+        elif p[0]:
+            merged.append(p)
+    pieces = merged
     text = "".join(p[0] for p in pieces)
     whole = build_prompt([tuple(t) for t in turns], num_images=0, system=cfg.system_prompt, style=cfg.template)
     if cfg.template == "llava_v0":
@@ -679,17 +688,17 @@ class DataIterator:
 
 
 def _pipeline(records, processor, cfg, image_folder, *, shard_index, shard_count, num_epochs, start_epoch,
-              shuffle, num_workers, num_threads):
+              shuffle, num_workers, num_threads, allow_empty=False):
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
     share = list(records)[shard_index::shard_count]
-    if not share:
+    if not share and not allow_empty:
         raise ValueError(f"host {shard_index} of {shard_count} gets no records ({len(records)} in all)")
     ds = grain.MapDataset.source(share)
     if shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # grain reshuffles each repetition: another (seeded) order per epoch
     ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_Encode(processor, cfg, image_folder, len(share), start_epoch))
+    ds = ds.map_with_index(_Encode(processor, cfg, image_folder, max(len(share), 1), start_epoch))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1)))
     if num_workers > 0:
         if not absl_flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
@@ -735,6 +744,7 @@ def make_eval_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, i
     cfg = dataclasses.replace(cfg.resolve(processor), shuffle=False)
     b = batch_size or cfg.batch_size
     it, _ = _pipeline(records, processor, cfg, image_folder, shard_index=shard_index, shard_count=shard_count,
-                      num_epochs=1, start_epoch=0, shuffle=False, num_workers=num_workers, num_threads=num_threads)
+                      num_epochs=1, start_epoch=0, shuffle=False, num_workers=num_workers, num_threads=num_threads,
+                      allow_empty=True)
     per_host = -(-len(records) // shard_count)
     return DataIterator(it, cfg, b, _image_shape(processor, cfg), num_batches=-(-per_host // b))
