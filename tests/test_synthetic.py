@@ -1,0 +1,226 @@
+"""The synthetic visual-prompt task (vipllava_jax.synthetic): seeded, right answers, markers that matter,
+records the training pipeline reads."""
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from vipllava_jax import synthetic as syn
+from vipllava_jax import visual_prompts as vp
+
+N_SCENES = 160
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [syn.make_scene(i) for i in range(N_SCENES)]
+
+
+def _changed(scene):
+    a, b = np.asarray(scene.image, np.int32), np.asarray(scene.clean_image, np.int32)
+    return (a != b).any(-1)
+
+
+def test_determinism():
+    a, b, c = syn.make_scene(11), syn.make_scene(11), syn.make_scene(12)
+    assert a.image.tobytes() == b.image.tobytes() and a.question == b.question and a.answer == b.answer
+    assert a.metadata == b.metadata
+    assert a.image.tobytes() != c.image.tobytes()
+    assert syn.make_scene((3, 4)).metadata == syn.make_scene([3, 4]).metadata
+
+
+def test_write_dataset_deterministic(tmp_path):
+    p1 = syn.write_dataset(tmp_path / "a", 6, seed=5)
+    p2 = syn.write_dataset(tmp_path / "b", 6, seed=5)
+    assert p1.read_text() == p2.read_text()
+    for r in json.loads(p1.read_text()):
+        assert (tmp_path / "a" / r["image"]).read_bytes() == (tmp_path / "b" / r["image"]).read_bytes()
+    assert syn.write_dataset(tmp_path / "c", 6, seed=6).read_text() != p1.read_text()
+
+
+def test_clean_image_rerenders_from_metadata(scenes):
+    for s in scenes[:40]:
+        m = json.loads(json.dumps(s.metadata))  # what a record keeps
+        shapes = [syn.Shape.from_dict(d) for d in m["shapes"]]
+        again = syn.render(shapes, tuple(m["image_size"]), tuple(m["background"]), m["noise"], m["noise_seed"])
+        assert again.tobytes() == s.clean_image.tobytes()
+
+
+def test_answers_are_right_and_need_the_marker(scenes):
+    for s in scenes:
+        size = s.image.size
+        t = s.target_shape
+        kinds = [x.kind for x in s.shapes]
+        colors = [x.color for x in s.shapes]
+        assert 3 <= len(s.shapes) <= 5
+        clean = np.asarray(s.clean_image)
+        mask = t.mask(size)
+        assert (clean[mask] == t.rgb).all()  # the target is filled with its colour
+        if s.question_type == "shape":
+            assert s.answer == t.kind and len(set(kinds)) == len(kinds)
+        elif s.question_type == "color":
+            assert s.answer == t.color and len(set(colors)) == len(colors)
+            # recolour check: the answered colour is what the target's pixels show where no marker covers them
+            visible = mask & ~_changed(s)
+            assert (np.asarray(s.image)[visible] == syn.SHAPE_COLORS[s.answer]).all()
+        elif s.question_type == "count":
+            attr = colors if s.count_of == "color" else kinds
+            assert s.answer == str(attr.count(attr[s.target]))
+            groups = collections.Counter(attr)
+            assert any(v != int(s.answer) for v in groups.values())  # another answer was possible
+            assert ("colour" if s.count_of == "color" else "same shape") in s.question
+        elif s.question_type == "left_right":
+            ref = s.shapes[s.reference]
+            assert s.reference != s.target
+            assert [x.description for x in s.shapes].count(ref.description) == 1
+            assert ref.description in s.question
+            tb, rb = t.box, ref.box
+            if s.answer == "left":
+                assert t.cx < ref.cx and tb[0] < rb[0]
+            else:
+                assert t.cx > ref.cx and tb[2] > rb[2]
+            others = [x for i, x in enumerate(s.shapes) if i not in (s.target, s.reference)]
+            assert any((x.cx > ref.cx) == (s.answer == "left") for x in others)
+        assert s.answer in syn.answer_vocabulary(s.question_type)
+
+
+def test_marker_phrase_kind_and_colour_match_the_drawing(scenes):
+    for s in scenes:
+        assert s.marker.kind == s.marker_kind
+        prep, noun = vp.PHRASE_WORDS[s.marker_kind]
+        assert s.marker_phrase == f"{prep} the {s.marker_color} {noun}"
+        assert s.marker_phrase in s.question and "<bbox>" not in s.question
+        assert s.question_template.replace("<bbox>", s.marker_phrase) == s.question
+        assert s.marker_color not in syn.SHAPE_COLORS
+        # every changed pixel is a blend of the clean pixel toward the named marker colour
+        ch = _changed(s)
+        assert ch.sum() > 0
+        a, b = np.asarray(s.image, np.float64)[ch], np.asarray(s.clean_image, np.float64)[ch]
+        c = np.asarray(vp.NAMED_COLORS[s.marker_color], np.float64)
+        alpha = s.marker.alpha
+        assert np.abs(a - (b * (1 - alpha) + c * alpha)).max() <= 0.51
+        # the marker touches the target and never another shape
+        others = np.zeros(ch.shape, bool)
+        for i, x in enumerate(s.shapes):
+            if i != s.target:
+                others |= x.mask(s.image.size)
+        assert not (ch & others).any()
+        near_target = syn._dilate(s.target_shape.mask(s.image.size), max(4, int(s.target_shape.r)))
+        assert (ch & near_target).any()
+        if s.marker_kind != "mask":  # most of the target stays visible
+            m = s.target_shape.mask(s.image.size)
+            assert (m & ~ch).sum() >= 0.4 * m.sum()
+
+
+def test_everything_inside_the_centre_crop(scenes):
+    for s in scenes:
+        x0, y0, x1, y1 = vp.kept_region(s.image.size)
+        for sh in s.shapes:
+            b = sh.box
+            assert b[0] >= x0 and b[1] >= y0 and b[2] <= x1 + 1e-6 and b[3] <= y1 + 1e-6
+        ys, xs = np.nonzero(_changed(s))
+        assert xs.min() >= x0 - 1e-6 and xs.max() + 1 <= x1 + 1e-6
+        assert ys.min() >= y0 - 1e-6 and ys.max() + 1 <= y1 + 1e-6
+        assert 96 <= min(s.image.size) and max(s.image.size) <= 192
+
+
+def test_all_kinds_and_types_occur_balanced(tmp_path):
+    path = syn.write_dataset(tmp_path, 64, seed=1)
+    recs = json.loads(path.read_text())
+    kinds = collections.Counter(r["metadata"]["marker_kind"] for r in recs)
+    types = collections.Counter(r["metadata"]["question_type"] for r in recs)
+    assert set(kinds) == set(vp.MARKER_KINDS) and set(kinds.values()) == {8}
+    assert set(types) == set(syn.QUESTION_TYPES) and set(types.values()) == {16}
+    assert len({r["metadata"]["image_size"][0] != r["metadata"]["image_size"][1] for r in recs}) == 2  # both
+
+
+def test_answers_uniform_within_type():
+    counts = collections.defaultdict(collections.Counter)
+    for i in range(600):
+        s = syn.make_scene(10_000 + i)
+        counts[s.question_type][s.answer] += 1
+    for qt, c in counts.items():
+        assert set(c) == set(syn.answer_vocabulary(qt)), qt
+        n = sum(c.values())
+        k = len(c)
+        assert max(c.values()) / n < 1 / k + 0.12, (qt, c)
+
+
+def test_vocabulary_and_chance():
+    assert syn.answer_vocabulary("shape") == sorted(syn.SHAPES)
+    assert syn.answer_vocabulary("count") == ["1", "2", "3"]
+    assert syn.answer_vocabulary("left_right") == ["left", "right"]
+    assert set(syn.answer_vocabulary()) == {a for t in syn.QUESTION_TYPES for a in syn.answer_vocabulary(t)}
+    assert syn.chance_accuracy("shape") == pytest.approx(1 / 7)
+    assert syn.chance_accuracy("left_right") == 0.5
+    assert syn.chance_accuracy() == pytest.approx((1 / 7 + 1 / 6 + 1 / 3 + 1 / 2) / 4)
+    assert syn.chance_accuracy() <= 0.35
+    assert syn.chance_accuracy(question_types=("shape", "color")) == pytest.approx((1 / 7 + 1 / 6) / 2)
+    with pytest.raises(ValueError, match="question type"):
+        syn.answer_vocabulary("size")
+    assert not set(syn.SHAPE_COLORS) & set(vp.NAMED_COLORS)
+    assert not set(syn.SHAPE_COLORS.values()) & set(vp.NAMED_COLORS.values())
+
+
+def test_options():
+    s = syn.make_scene(3, question_type="count", marker_kind="arrow", size=(120, 100))
+    assert s.question_type == "count" and s.marker_kind == "arrow" and s.image.size == (120, 100)
+    s = syn.make_scene(4, named_color_probability=0.0)
+    assert isinstance(s.marker_color, tuple) and vp.color_name(s.marker_color) is None
+    assert " the " + vp.PHRASE_WORDS[s.marker_kind][1] in s.question  # no colour word
+    with pytest.raises(ValueError, match="marker kind"):
+        syn.make_scene(0, marker_kind="circle")
+    with pytest.raises(ValueError, match="question type"):
+        syn.write_dataset("/nonexistent-never-created", 1, question_types=("size",))
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tmp_path_factory):
+    from vipllava_jax.processing import Processor
+    from vipllava_jax.tiny_tokenizer import make_tiny_processor
+    d = tmp_path_factory.mktemp("proc")
+    make_tiny_processor(d, image_size=30, image_seq_length=25)
+    return Processor.from_pretrained(d)
+
+
+@pytest.mark.parametrize("pre_marked", [True, False])
+def test_records_load_and_encode(tmp_path, tiny_processor, pre_marked):
+    from vipllava_jax.training.data import DataConfig, encode_example, load_records
+    from vipllava_jax.training.markers import polygon_mask
+    path = syn.write_dataset(tmp_path, 16, seed=2, pre_marked=pre_marked)
+    recs = load_records(path)
+    assert len(recs) == 16
+    cfg = DataConfig(max_length=512, seed=0)
+    tok = tiny_processor.tokenizer
+    for r in recs:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
+        assert gpt["value"] == r["metadata"]["answer"]
+        ex = encode_example(r, tiny_processor, cfg, image_folder=tmp_path)
+        assert (ex.input_ids == tiny_processor.image_token_id).sum() == 25
+        assert ex.pixel_values.shape == (1, 3, 30, 30)
+        kept = ex.labels[ex.labels != -100]
+        assert tok.decode(kept.tolist()) == " " + gpt["value"] + "</s>"
+        if pre_marked:
+            assert "bboxes" not in r and r["metadata"]["marker_phrase"] in human["value"]
+            assert ex.markers == []
+        else:
+            assert "<bbox0>" in human["value"] and len(r["bboxes"]) == 1 and len(r["segmentations"]) == 1
+            (kind, _color, phrase), = ex.markers
+            assert phrase in ex.text and "<bbox" not in ex.text
+            # the segmentation is exactly the target's silhouette, and the image is the unmarked one
+            m = r["metadata"]
+            t = syn.Shape.from_dict(m["shapes"][m["target"]])
+            size = tuple(m["image_size"])
+            assert (polygon_mask(r["segmentations"][0], size) == t.mask(size)).all()
+            assert list(t.box) == r["bboxes"][0]
+            from PIL import Image
+            clean = syn.render([syn.Shape.from_dict(d) for d in m["shapes"]], size, tuple(m["background"]),
+                               m["noise"], m["noise_seed"])
+            assert Image.open(tmp_path / r["image"]).convert("RGB").tobytes() == clean.tobytes()
+
+
+def test_fix_marker_kind(tmp_path):
+    recs = json.loads(syn.write_dataset(tmp_path, 4, seed=0, pre_marked=False, fix_marker_kind=True).read_text())
+    assert all(r["marker_kinds"] == [r["metadata"]["marker_kind"]] for r in recs)
