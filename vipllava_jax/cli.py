@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cli_convert, cli_demo, cli_generate, cli_plan
+from . import cli_convert, cli_demo, cli_generate, cli_plan, cli_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_demo.register(sub)
     cli_convert.register(sub)
     cli_plan.register(sub)
+    cli_train.register(sub)
     return ap
 
 

@@ -1,0 +1,54 @@
+"""Run checkpoints: orbax CheckpointManager under ``RUN_DIR/checkpoints``, saved asynchronously and atomically.
+
+Each step directory holds ``state`` (the TrainState: trainable params, optimizer state, step and counters),
+``data`` (the data iterator's state, JSON) and ``run`` (the run's settings and where it stood, JSON).
+Frozen parameters are not saved: they are the model the run started from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from .step import TrainState
+
+
+class RunCheckpoints:
+    def __init__(self, directory, *, keep: int = 3, best_metric: str | None = None):
+        self.directory = Path(directory).absolute()
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="min",
+            keep_checkpoints_without_metrics=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_state: dict, run: dict, *, metrics: dict | None = None,
+             force: bool = True) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), run=ocp.args.JsonSave(run)),
+            metrics=metrics, force=force)
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
+        """abstract_state: ShapeDtypeStructs with the shardings to restore onto."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()))
+        return out["state"], out["data"], out["run"]
+
+    def read_run(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of tree's leaves carrying the given shardings (orbax restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,109 @@
+"""LoRA adapters on the language model's linear layers, kept beside the frozen weights and merged on the fly.
+
+For a target kernel W [.., in, out] (a leading L axis when layers are scanned) the adapter is
+A [.., in, r] and B [.., r, out], and the layer computes with W + (alpha / r) * A @ B. B starts at zero, so
+the adapted model starts equal to the base model (as PEFT). Only A and B (and whatever else the stage trains)
+get gradients and optimizer state. Merging is the same expression, so an exported model computes exactly what
+was trained (up to the rounding of one add).
+
+Einsum letters: L layers, I in features, O out features, R rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import flax
+
+from ..convert import flat_paths
+
+# HF PEFT names; ViP-LLaVA's LoRA recipe adapts every Llama linear (not lm_head, projector or tower).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TARGET_RE = re.compile(r"^language_model/layers(_\d+)?/(self_attn|mlp)/(\w+)/kernel$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 128
+    alpha: float = 256.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets {sorted(unknown) or '(none)'} are not Llama linear layers; choose "
+                             f"from {list(LORA_TARGETS)}")
+        if not (isinstance(self.rank, int) and self.rank > 0):
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def target_paths(params, cfg: LoraConfig) -> list[str]:
+    """Flax paths of the kernels the adapters attach to."""
+    out = []
+    for p in flat_paths(params):
+        m = _TARGET_RE.match(p)
+        if m and m.group(3) in cfg.targets:
+            out.append(p)
+    if not out:
+        raise ValueError(f"No LoRA target {list(cfg.targets)} found in the language model's parameters")
+    return sorted(out)
+
+
+def _nest(flat: dict) -> dict:
+    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def _kernel_path(adapter_path: str) -> str:
+    return adapter_path.rsplit("/", 1)[0] + "/kernel"
+
+
+def init_lora(params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """The adapters as a tree beside the params: for a kernel at ``X/kernel`` [.., in, out], ``X/lora_a``
+    [.., in, r] ~ kaiming-uniform (as PEFT) and ``X/lora_b`` [.., r, out] = 0. Concrete or abstract params."""
+    flat = flat_paths(params)
+    out = {}
+    for i, p in enumerate(target_paths(params, cfg)):
+        shape = flat[p].shape
+        lead, (n_in, n_out) = shape[:-2], shape[-2:]
+        bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on torch's [r, in] weight
+        base = p[: -len("/kernel")]
+        out[base + "/lora_a"] = jax.random.uniform(jax.random.fold_in(key, i), lead + (n_in, cfg.rank), dtype,
+                                                   -bound, bound)
+        out[base + "/lora_b"] = jnp.zeros(lead + (cfg.rank, n_out), dtype)
+    return _nest(out)
+
+
+def apply_lora(params, lora: dict, cfg: LoraConfig):
+    """The parameters the adapted model computes with (also what export writes): W + (alpha / r) A @ B."""
+    if not lora:
+        return params
+    flat = dict(flat_paths(params))
+    ad = flat_paths(lora)
+    for pa in ad:
+        if pa.endswith("/lora_a"):
+            base = pa[: -len("/lora_a")]
+            w = flat[base + "/kernel"]
+            delta = cfg.scale * jnp.einsum("...ir,...ro->...io", ad[pa], ad[base + "/lora_b"])
+            flat[base + "/kernel"] = w + delta.astype(w.dtype)
+    return _nest(flat)
+
+
+def lora_logical_axes(param_axes: dict[str, tuple], lora: dict) -> dict:
+    """Logical axis names of each adapter leaf: A keeps the kernel's input axis, B its output axis; the rank
+    axis is replicated."""
+    out = {}
+    for pa in flat_paths(lora):
+        names = tuple(param_axes[_kernel_path(pa)])
+        out[pa] = names[:-1] + (None,) if pa.endswith("/lora_a") else names[:-2] + (None, names[-1])
+    return _nest(out)

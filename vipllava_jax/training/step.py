@@ -1,0 +1,165 @@
+"""The jitted, sharded train and eval steps.
+
+A step takes ``A`` micro-batches stacked on a leading axis ([A, b, T], images [A, I, 3, H, W]) and
+accumulates their gradients in a ``lax.scan``. Every micro-batch's loss is divided by the supervised-token
+count of the whole global batch, so the accumulated loss and gradient equal those of one big batch.
+
+Einsum letters: A micro-batches, b rows per micro-batch, T length, I images per micro-batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..sharding_rules import LOGICAL_AXIS_RULES
+from ..sharding import batch_divisor, jit_sharded, logical_to_sharding, rule_axes
+from .lora import LoraConfig, apply_lora
+from .loss import loss_fn, num_supervised
+from .optim import merge_params
+
+Array = jax.Array
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_valid")
+
+
+@struct.dataclass
+class TrainState:
+    """Everything the step updates. ``trainable`` is ``{"params": ..., "lora": ...}`` (either may be empty)."""
+    step: Array  # [] int32, optimizer updates applied
+    trainable: dict
+    opt_state: Any
+    nonfinite_run: Array  # [] int32, consecutive non-finite steps skipped so far
+    skipped_total: Array  # [] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    lora: LoraConfig | None = None
+    skip_nonfinite: bool = False
+
+
+def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
+    z = jnp.zeros((), jnp.int32)
+    return TrainState(step=z, trainable=trainable, opt_state=tx.init(trainable), nonfinite_run=z, skipped_total=z)
+
+
+def compute_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None) -> dict:
+    """The full parameter tree the model runs with: trainable and frozen parts joined, LoRA merged."""
+    params = merge_params(trainable.get("params", {}), frozen)
+    if lora_cfg is not None and trainable.get("lora"):
+        params = apply_lora(params, trainable["lora"], lora_cfg)
+    return params
+
+
+def _micro(batch: dict, i) -> dict:
+    return {k: v[i] for k, v in batch.items()}
+
+
+def make_train_step(module, tx: optax.GradientTransformation, cfg: StepConfig = StepConfig()) -> Callable:
+    """``step(state, frozen, batch) -> (state, metrics)``, not yet jitted (see `jit_train_step`)."""
+
+    def micro_loss(trainable, frozen, mb, total):
+        return loss_fn(module, compute_params(trainable, frozen, cfg.lora), mb, num_tokens=total)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        total = num_supervised(batch["labels"])  # over every micro-batch: the global normaliser
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+
+        def body(carry, mb):
+            g_acc, l_acc = carry
+            (loss, _), g = grad_fn(state.trainable, frozen, mb, total)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), None
+
+        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), batch)
+        gnorm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                            nonfinite_run=jnp.zeros((), jnp.int32))
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        if cfg.skip_nonfinite:  # keep params and optimizer state bitwise as they were
+            skipped = state.replace(nonfinite_run=state.nonfinite_run + 1, skipped_total=state.skipped_total + 1)
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
+        metrics = {"loss": loss, "grad_norm": gnorm, "num_tokens": total, "finite": finite}
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(module, cfg: StepConfig = StepConfig()) -> Callable:
+    """``eval(state, frozen, batch) -> {"nll_sum", "num_tokens"}`` summed over the micro-batch axis."""
+
+    def ev(state: TrainState, frozen: dict, batch: dict):
+        params = compute_params(state.trainable, frozen, cfg.lora)
+
+        def body(acc, mb):
+            _, m = loss_fn(module, params, mb)
+            return (acc[0] + m["nll_sum"], acc[1] + m["num_tokens"]), None
+
+        (s, n), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), batch)
+        return {"nll_sum": s, "num_tokens": n}
+
+    return ev
+
+
+# --- shardings -------------------------------------------------------------------------------------------------
+def batch_shardings(batch_shapes: dict, mesh, rules=LOGICAL_AXIS_RULES) -> dict:
+    """Rows split over the mesh's batch axes (data x fsdp); images too when their count divides, else
+    replicated. Leading axis A (micro-batches) is never split."""
+    axes = rule_axes("batch", rules)
+    row = axes[0] if len(axes) == 1 else tuple(axes) if axes else None
+    n = batch_divisor(mesh, rules)
+    out = {}
+    for k, shape in batch_shapes.items():
+        split = k not in ("pixel_values", "image_valid") or shape[1] % n == 0
+        out[k] = NamedSharding(mesh, P(None, row if split else None, *([None] * (len(shape) - 2))))
+    return out
+
+
+def tree_logical_shardings(axes_tree, mesh, rules=LOGICAL_AXIS_RULES):
+    """Tree of logical-name tuples -> tree of NamedShardings."""
+    return jax.tree.map(lambda names: logical_to_sharding(names, mesh, rules), axes_tree,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def state_shardings(state_abstract: TrainState, trainable_shardings: dict, mesh) -> TrainState:
+    """Shardings of a TrainState: trainable as given, optimizer moments like the trainable tree (the same
+    structure), counters replicated."""
+    rep = NamedSharding(mesh, P())
+    t_def = jax.tree.structure(trainable_shardings)
+
+    def like(x):
+        try:
+            return jax.tree.structure(x) == t_def
+        except Exception:  # noqa: BLE001
+            return False
+
+    opt = jax.tree.map(lambda x: trainable_shardings if like(x) else rep, state_abstract.opt_state, is_leaf=like)
+    return TrainState(step=rep, trainable=trainable_shardings, opt_state=opt, nonfinite_run=rep, skipped_total=rep)
+
+
+def jit_train_step(step_fn, mesh, state_sh, frozen_sh, batch_sh, rules=LOGICAL_AXIS_RULES):
+    rep = NamedSharding(mesh, P())
+    metrics_sh = {"loss": rep, "grad_norm": rep, "num_tokens": rep, "finite": rep}
+    return jit_sharded(step_fn, mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=(state_sh, metrics_sh), rules=rules, donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, mesh, state_sh, frozen_sh, batch_sh, rules=LOGICAL_AXIS_RULES):
+    rep = NamedSharding(mesh, P())
+    return jit_sharded(eval_fn, mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings={"nll_sum": rep, "num_tokens": rep}, rules=rules)
+
+
+def put_batch(batch: dict, shardings: dict) -> dict:
+    """Host arrays (this process's rows; every row when single-process) -> global jax.Arrays."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,333 @@
+"""`train(cfg)`: the whole fine-tuning run. Load, shard, loop, log, checkpoint, resume, export.
+
+RUN_DIR layout: ``metrics.jsonl`` (one line per logged step), TensorBoard events (``tb/``),
+``checkpoints/`` (orbax, see checkpointing.py), ``hf/`` (the final model, an HF directory) and
+``train_config.json``. Running the same command again on the same RUN_DIR resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_pretrained, resolve_model_path
+from ..processing import Processor
+from ..sharding import make_mesh, param_logical_axes, param_sharding_tree
+from . import data as data_lib
+from .checkpointing import RunCheckpoints, abstract_like
+from .config import TrainConfig
+from .export import export_hf
+from .lora import LoraConfig, init_lora, lora_logical_axes
+from .optim import lr_schedule, make_optimizer, split_params
+from .step import (StepConfig, batch_shardings, init_state, jit_eval_step, jit_train_step, make_eval_step,
+                   make_train_step, put_batch, state_shardings, tree_logical_shardings)
+
+# Settings that change what a resumed run computes: resuming with any of them changed is refused.
+RESUME_KEYS = ("model", "data", "image_folder", "stage", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
+               "warmup_ratio", "weight_decay", "clip_norm", "max_length", "template", "system_prompt",
+               "pad_to_square", "marker_kinds", "lora_rank", "lora_alpha", "lora_targets", "dtype", "seed")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on: the message says why, in one line."""
+
+
+def _log0(msg: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(msg)
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` and TensorBoard events; process 0 only. On resume, lines past the checkpoint's step
+    are dropped first (they are written again), so the file reads as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.on = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not self.on:
+            return
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+
+    def write(self, row: dict) -> None:
+        if not self.on:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Preemption:
+    """SIGTERM (what TPU VMs and SLURM send before preemption) asks the loop to stop after the current step.
+    With several processes JAX's preemption notice decides, so that every host stops at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption sync manager (not started through jax.distributed)
+                return False
+        return self.requested
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def total_steps(cfg: TrainConfig, n_records: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.epochs is None:
+        raise TrainError("Give max_steps (--max-steps) or epochs (--epochs)")
+    return max(1, math.ceil(cfg.epochs * n_records / cfg.batch_size))
+
+
+def check_resume(saved: dict, cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    diffs = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if diffs and not cfg.force_resume:
+        k = diffs[0]
+        raise TrainError(f"{cfg.output} holds a run with {k}={saved.get(k)!r}, but this run has {k}={now.get(k)!r} "
+                         f"({len(diffs)} setting(s) differ: {', '.join(diffs)}); use a new --output, or "
+                         f"--force-resume to resume anyway")
+
+
+def stack_micro(batches: list[dict]) -> dict:
+    """A micro-batches -> one dict of [A, ...] arrays (the train step's input): length and image count padded
+    to the largest (masked tokens with label -100, zero images marked invalid)."""
+    t = max(b["input_ids"].shape[1] for b in batches)
+    n_img = max(b["pixel_values"].shape[0] for b in batches)
+    out: dict[str, list] = {k: [] for k in data_lib.BATCH_KEYS}
+    for b in batches:
+        dt, di = t - b["input_ids"].shape[1], n_img - b["pixel_values"].shape[0]
+        out["input_ids"].append(np.pad(b["input_ids"], ((0, 0), (0, dt))))
+        out["attention_mask"].append(np.pad(b["attention_mask"], ((0, 0), (0, dt))))
+        out["labels"].append(np.pad(b["labels"], ((0, 0), (0, dt)), constant_values=data_lib.IGNORE_INDEX))
+        out["pixel_values"].append(np.pad(b["pixel_values"], ((0, di),) + ((0, 0),) * 3))
+        out["image_valid"].append(np.pad(b["image_valid"], (0, di)))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the loop needs, built once: the model, what trains, shardings, optimizer and data settings."""
+    module: object
+    model_dir: Path
+    mesh: object
+    processor: Processor
+    data_cfg: data_lib.DataConfig
+    records: list
+    steps: int
+    frozen: dict
+    frozen_sh: dict
+    state: object
+    state_sh: object
+    abstract_state: object
+    tx: object
+    step_cfg: StepConfig
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    model_dir = resolve_model_path(cfg.model)
+    mesh = make_mesh(cfg.mesh)
+    module, params = load_pretrained(model_dir, jnp.float32, mesh=mesh, scan_layers=cfg.scan_layers,
+                                     remat_policy=cfg.remat, progress=cfg.progress and jax.process_index() == 0)
+    if cfg.dtype == "bfloat16":  # fp32 master parameters, bf16 compute
+        module = module.clone(dtype=jnp.bfloat16)
+    processor = Processor.from_pretrained(model_dir)
+    data_cfg = data_lib.DataConfig.from_train(cfg, module.config, processor)
+    records = data_lib.load_records(cfg.data)
+    steps = total_steps(cfg, len(records))
+    if cfg.micro_batch_size % jax.process_count():
+        raise TrainError(f"batch_size / grad_accum = {cfg.micro_batch_size} rows is not divisible by the "
+                         f"{jax.process_count()} processes")
+
+    trainable_params, frozen = split_params(params, cfg.stage)
+    psh = param_sharding_tree(module.config, mesh)
+    train_psh, frozen_sh = split_params(psh, cfg.stage)
+    lora_cfg = None
+    trainable, trainable_sh = {"params": trainable_params, "lora": {}}, {"params": train_psh, "lora": {}}
+    if cfg.stage == "lora":
+        lora_cfg = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        axes = param_logical_axes(module.config)
+        shapes = jax.eval_shape(lambda k: init_lora(frozen, lora_cfg, k), jax.random.key(0))
+        lora_sh = tree_logical_shardings(lora_logical_axes(axes, shapes), mesh)
+        lora = jax.jit(lambda k: init_lora(frozen, lora_cfg, k), out_shardings=lora_sh)(jax.random.key(cfg.seed))
+        trainable["lora"], trainable_sh["lora"] = lora, lora_sh
+    tx = make_optimizer(cfg.learning_rate, steps, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                        clip_norm=cfg.clip_norm)
+    abstract = jax.eval_shape(lambda t: init_state(t, tx), trainable)
+    state_sh = state_shardings(abstract, trainable_sh, mesh)
+    state = jax.jit(lambda t: init_state(t, tx), out_shardings=state_sh)(trainable)
+    return Setup(module=module, model_dir=model_dir, mesh=mesh, processor=processor, data_cfg=data_cfg,
+                 records=records, steps=steps, frozen=frozen, frozen_sh=frozen_sh, state=state, state_sh=state_sh,
+                 abstract_state=abstract, tx=tx,
+                 step_cfg=StepConfig(lora=lora_cfg, skip_nonfinite=cfg.skip_nonfinite))
+
+
+class CompiledSteps:
+    """The jitted train / eval step per batch shape (lengths and image counts are bucketed: a few shapes)."""
+
+    def __init__(self, s: Setup):
+        self.s = s
+        self._train: dict = {}
+        self._eval: dict = {}
+
+    def _get(self, cache, make, batch):
+        shapes = {k: v.shape for k, v in batch.items()}
+        key = tuple(sorted(shapes.items()))
+        if key not in cache:
+            bsh = batch_shardings(shapes, self.s.mesh)
+            cache[key] = (make(bsh), bsh)
+        return cache[key]
+
+    def train(self, state, batch):
+        s = self.s
+        fn, bsh = self._get(self._train, lambda bsh: jit_train_step(
+            make_train_step(s.module, s.tx, s.step_cfg), s.mesh, s.state_sh, s.frozen_sh, bsh), batch)
+        return fn(state, s.frozen, put_batch(batch, bsh))
+
+    def eval(self, state, batch):
+        s = self.s
+        fn, bsh = self._get(self._eval, lambda bsh: jit_eval_step(
+            make_eval_step(s.module, s.step_cfg), s.mesh, s.state_sh, s.frozen_sh, bsh), batch)
+        return fn(state, s.frozen, put_batch(batch, bsh))
+
+
+def evaluate(cfg: TrainConfig, s: Setup, steps: CompiledSteps, state, records) -> float:
+    """Mean next-token loss over every supervised token of the eval records."""
+    it = data_lib.make_eval_iterator(records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
+                                     batch_size=cfg.micro_batch_size // jax.process_count(),
+                                     shard_index=jax.process_index(), shard_count=jax.process_count())
+    total, count = 0.0, 0
+    with it:
+        for b in it:
+            out = steps.eval(state, stack_micro([b]))
+            total += float(out["nll_sum"])
+            count += int(out["num_tokens"])
+    return total / max(count, 1)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a fine-tuning job. Returns a summary: steps, stopped (preempted), last metrics, paths."""
+    run_dir = Path(cfg.output).absolute()
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    s = setup(cfg)
+    ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep, best_metric="eval_loss" if cfg.eval_data else None)
+    state, data_state, start = s.state, None, 0
+    latest = ckpts.latest_step()
+    if latest is not None:
+        check_resume(ckpts.read_run(latest)["config"], cfg)
+        state, data_state, _ = ckpts.restore(latest, abstract_like(s.abstract_state, s.state_sh))
+        start = int(state.step)
+        _log0(f"Resuming {run_dir} from step {start}")
+    elif jax.process_index() == 0:
+        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    it = data_lib.make_train_iterator(s.records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
+                                      batch_size=cfg.micro_batch_size // jax.process_count(),
+                                      shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                      num_workers=cfg.num_workers)
+    if data_state is not None:
+        it.set_state(data_state)
+    eval_records = data_lib.load_records(cfg.eval_data) if cfg.eval_data else None
+    steps = CompiledSteps(s)
+    lr_at = lr_schedule(cfg.learning_rate, s.steps, cfg.warmup_ratio)
+    writer = MetricsWriter(run_dir, start)
+    preempt = Preemption()
+    bar = tqdm(total=s.steps, initial=start, desc=f"train ({cfg.stage})", dynamic_ncols=True,
+               disable=not cfg.progress or jax.process_index() != 0)
+    step, last, stopped = start, {}, False
+    t0, tokens = time.perf_counter(), 0
+
+    def save(step, eval_loss=None):
+        ckpts.save(step, state, it.get_state(), {"config": cfg.to_dict(), "step": step},
+                   metrics={"eval_loss": eval_loss} if eval_loss is not None else None)
+
+    try:
+        while step < s.steps:
+            batch = stack_micro([next(it) for _ in range(cfg.grad_accum)])
+            state, m = steps.train(state, batch)
+            step += 1
+            tokens += int(batch["attention_mask"].sum()) * jax.process_count()
+            if step % cfg.log_every == 0 or step == s.steps:
+                m = jax.device_get(m)
+                if not bool(m["finite"]):
+                    where = f"at step {step} (loss {float(m['loss'])}, grad norm {float(m['grad_norm'])})"
+                    if not cfg.skip_nonfinite:
+                        raise TrainError(f"Non-finite loss or gradient {where}; last good checkpoint: "
+                                         f"{_last_ckpt(ckpts)}")
+                    if int(state.nonfinite_run) >= cfg.max_skips:
+                        raise TrainError(f"{int(state.nonfinite_run)} non-finite steps in a row, the last {where}; "
+                                         f"last good checkpoint: {_last_ckpt(ckpts)}")
+                dt = time.perf_counter() - t0
+                stats = it.stats()
+                last = {"step": step, "loss": float(m["loss"]), "lr": float(lr_at(step - 1)),
+                        "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens / max(dt, 1e-9),
+                        "examples_seen": step * cfg.batch_size, "dropped_examples": int(stats["dropped"]),
+                        "skipped_steps": int(state.skipped_total)}
+                writer.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                t0, tokens = time.perf_counter(), 0
+            bar.update(1)
+            eval_loss = None
+            if eval_records is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == s.steps):
+                eval_loss = evaluate(cfg, s, steps, state, eval_records)
+                writer.write({"step": step, "eval_loss": eval_loss})
+                _log0(f"step {step}: eval loss {eval_loss:.4f}")
+            if preempt.should_stop(step):
+                save(step, eval_loss)
+                stopped = True
+                _log0(f"Stopped at step {step} of {s.steps} (preemption); checkpoint saved in {ckpts.directory}. "
+                      f"Run the same command again to resume.")
+                break
+            if (cfg.save_every and step % cfg.save_every == 0) or step == s.steps:
+                save(step, eval_loss)
+    finally:
+        bar.close()
+        writer.close()
+        preempt.close()
+        it.close()
+        ckpts.wait()
+    hf_dir = run_dir / "hf"
+    if not stopped and not hf_dir.exists():
+        export_hf(state, s.frozen, s.module.config, hf_dir, lora=s.step_cfg.lora, files_from=s.model_dir)
+        _log0(f"Wrote {hf_dir}")
+    ckpts.close()
+    return {"steps": step, "stopped": stopped, "last": last, "run_dir": str(run_dir), "hf": str(hf_dir)}
+
+
+def _last_ckpt(ckpts: RunCheckpoints) -> str:
+    s = ckpts.latest_step()
+    return str(ckpts.directory / str(s)) if s is not None else "none (no checkpoint yet)"
