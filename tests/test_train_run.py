@@ -193,3 +193,96 @@ def test_eight_devices_fsdp_tensor_match_one_device(env, full_run, tmp_path):
     assert sorted(one) == sorted(eight)
     for s in one:
         assert abs(one[s] - eight[s]) <= 1e-5 * max(1.0, abs(one[s])), (s, one[s], eight[s])
+
+
+def test_nonfinite_step_stops_naming_it_or_is_skipped(env, tmp_path, monkeypatch):
+    real = trainer_lib.stack_micro
+    poison = {"steps": {4}, "n": 0}
+
+    def poisoned(batches):
+        out = real(batches)
+        poison["n"] += 1
+        if poison["n"] in poison["steps"]:
+            out["pixel_values"] = out["pixel_values"] * np.float32("nan")
+        return out
+
+    monkeypatch.setattr(trainer_lib, "stack_micro", poisoned)
+    with pytest.raises(trainer_lib.TrainError, match=r"Non-finite loss or gradient at step 4 .*last good checkpoint: "
+                                                     r".*checkpoints/2"):
+        train(base_cfg(env, tmp_path / "stop", max_steps=6, save_every=2))
+    poison["n"] = 0
+    train(base_cfg(env, tmp_path / "skip", max_steps=6, skip_nonfinite=True))
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines())}
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert np.isnan(rows[4]["loss"]) and all(np.isfinite(rows[s]["loss"]) for s in (5, 6))
+    assert all(np.isfinite(v).all() for v in hf_weights(tmp_path / "skip" / "hf").values())
+    poison["n"], poison["steps"] = 0, {3, 4, 5, 6}
+    with pytest.raises(trainer_lib.TrainError, match="2 non-finite steps in a row, the last at step 4"):
+        train(base_cfg(env, tmp_path / "many", max_steps=6, skip_nonfinite=True, max_skips=2))
+
+
+def _cli_args(cfg) -> list[str]:
+    args = []
+    for k, v in cfg.to_dict().items():
+        if k in ("progress", "force_resume", "lora_targets", "marker_kinds") or v is None:
+            continue
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args + ["--no-progress"]
+
+
+def _start(cfg) -> subprocess.Popen:
+    env_vars = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    JAX_DEFAULT_MATMUL_PRECISION="highest")
+    return subprocess.Popen([sys.executable, str(REPO / "train" / "train.py")] + _cli_args(cfg), env=env_vars,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc, run_dir, step, timeout=300):
+    import time
+    t0 = time.time()
+    path = Path(run_dir) / "metrics.jsonl"
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()[-2000:]}")
+        if path.exists() and len(path.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_sigterm_saves_exits_zero_and_resumes_bitwise(env, full_run, tmp_path):
+    """SIGTERM (preemption) in the middle of a run from the CLI: it finishes the step, saves, says where it
+    stopped, exits 0; the same command again completes it, bitwise equal to the uninterrupted run."""
+    import signal
+    cfg = base_cfg(env, tmp_path / "term", max_steps=30)
+    proc = _start(cfg)
+    _wait_for_step(proc, tmp_path / "term", 5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Stopped at step" in out and "Run the same command again to resume" in out
+    assert not (tmp_path / "term" / "hf").exists()
+    proc = _start(cfg)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Resuming" in out
+    assert losses(tmp_path / "term") == losses(full_run[0])
+    a, b = hf_weights(tmp_path / "term" / "hf"), hf_weights(full_run[0] / "hf")
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("kill_after", [3, 7])
+def test_sigkill_during_saves_resumes_from_a_whole_checkpoint(env, full_run, tmp_path, kill_after):
+    """Saving every step (asynchronously), SIGKILL at some moment: whatever checkpoint is left is whole, the
+    next run resumes from it and ends bitwise equal to the uninterrupted run."""
+    import signal
+    cfg = base_cfg(env, tmp_path / "kill", max_steps=30, save_every=1)
+    proc = _start(cfg)
+    _wait_for_step(proc, tmp_path / "kill", kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    s = train(cfg)
+    assert s["steps"] == 30
+    assert losses(tmp_path / "kill") == losses(full_run[0])
+    a, b = hf_weights(tmp_path / "kill" / "hf"), hf_weights(full_run[0] / "hf")
+    assert all(np.array_equal(a[k], b[k]) for k in b)

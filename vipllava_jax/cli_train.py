@@ -49,6 +49,7 @@ def register(sub) -> None:
     p.add_argument("--clip-norm", type=float, default=S)
     p.add_argument("--max-length", type=int, default=S)
     p.add_argument("--template", choices=("llava_v1", "llava_v0"), default=S)
+    p.add_argument("--system-prompt", default=S, help="system text of the template (default: LLaVA's)")
     p.add_argument("--pad-to-square", type=_bool, nargs="?", const=True, default=S)
     p.add_argument("--marker-kinds", default=S, help="comma-separated visual prompt kinds to draw")
     p.add_argument("--skip-bad-examples", type=_bool, nargs="?", const=True, default=S)

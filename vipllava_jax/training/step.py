@@ -89,7 +89,8 @@ def make_train_step(module, tx: optax.GradientTransformation, cfg: StepConfig = 
         if cfg.skip_nonfinite:  # keep params and optimizer state bitwise as they were
             skipped = state.replace(nonfinite_run=state.nonfinite_run + 1, skipped_total=state.skipped_total + 1)
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped)
-        metrics = {"loss": loss, "grad_norm": gnorm, "num_tokens": total, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": gnorm, "num_tokens": total, "finite": finite,
+                   "nonfinite_run": new.nonfinite_run, "skipped_total": new.skipped_total}
         return new, metrics
 
     return step
@@ -149,7 +150,7 @@ def state_shardings(state_abstract: TrainState, trainable_shardings: dict, mesh)
 
 def jit_train_step(step_fn, mesh, state_sh, frozen_sh, batch_sh, rules=LOGICAL_AXIS_RULES):
     rep = NamedSharding(mesh, P())
-    metrics_sh = {"loss": rep, "grad_norm": rep, "num_tokens": rep, "finite": rep}
+    metrics_sh = dict.fromkeys(("loss", "grad_norm", "num_tokens", "finite", "nonfinite_run", "skipped_total"), rep)
     return jit_sharded(step_fn, mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, metrics_sh), rules=rules, donate_argnums=(0,))
 

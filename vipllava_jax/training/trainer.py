@@ -271,32 +271,48 @@ def train(cfg: TrainConfig) -> dict:
     step, last, stopped = start, {}, False
     t0, tokens = time.perf_counter(), 0
 
+    pending = None  # the previous step's metrics, checked after the next step is dispatched (no stall)
+
     def save(step, eval_loss=None):
+        nonlocal pending
+        if pending is not None:  # never save a state whose last update was not checked
+            check_finite(*pending)
+            pending = None
         ckpts.save(step, state, it.get_state(), {"config": cfg.to_dict(), "step": step},
                    metrics={"eval_loss": eval_loss} if eval_loss is not None else None)
+
+    def check_finite(at: int, m) -> None:
+        """Non-finite loss or gradient at step ``at``: an error, or (skip_nonfinite) skipped up to max_skips."""
+        if bool(m["finite"]):
+            return
+        where = f"at step {at} (loss {float(m['loss'])}, grad norm {float(m['grad_norm'])})"
+        if not cfg.skip_nonfinite:
+            raise TrainError(f"Non-finite loss or gradient {where}; last good checkpoint: {_last_ckpt(ckpts)}")
+        _log0(f"Skipped the update of step {at}: non-finite loss or gradient")
+        if int(m["nonfinite_run"]) >= cfg.max_skips:
+            raise TrainError(f"{int(m['nonfinite_run'])} non-finite steps in a row, the last {where}; last good "
+                             f"checkpoint: {_last_ckpt(ckpts)}")
 
     try:
         while step < s.steps:
             batch = stack_micro([next(it) for _ in range(cfg.grad_accum)])
             state, m = steps.train(state, batch)
             step += 1
+            if pending is not None:
+                check_finite(*pending)
+            pending = (step, m)
             tokens += int(batch["attention_mask"].sum()) * jax.process_count()
             if step % cfg.log_every == 0 or step == s.steps:
                 m = jax.device_get(m)
-                if not bool(m["finite"]):
-                    where = f"at step {step} (loss {float(m['loss'])}, grad norm {float(m['grad_norm'])})"
-                    if not cfg.skip_nonfinite:
-                        raise TrainError(f"Non-finite loss or gradient {where}; last good checkpoint: "
-                                         f"{_last_ckpt(ckpts)}")
-                    if int(state.nonfinite_run) >= cfg.max_skips:
-                        raise TrainError(f"{int(state.nonfinite_run)} non-finite steps in a row, the last {where}; "
-                                         f"last good checkpoint: {_last_ckpt(ckpts)}")
+                check_finite(step, m)
+                pending = None
                 dt = time.perf_counter() - t0
                 stats = it.stats()
                 last = {"step": step, "loss": float(m["loss"]), "lr": float(lr_at(step - 1)),
                         "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens / max(dt, 1e-9),
-                        "examples_seen": step * cfg.batch_size, "dropped_examples": int(stats["dropped"]),
-                        "skipped_steps": int(state.skipped_total)}
+                        "examples_seen": int(stats["examples"]) * jax.process_count(),
+                        "dropped_examples": int(stats["dropped"]) * jax.process_count(),
+                        "skipped_steps": int(m["skipped_total"])}
                 writer.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                 t0, tokens = time.perf_counter(), 0
