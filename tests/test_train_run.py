@@ -286,3 +286,25 @@ def test_sigkill_during_saves_resumes_from_a_whole_checkpoint(env, full_run, tmp
     assert losses(tmp_path / "kill") == losses(full_run[0])
     a, b = hf_weights(tmp_path / "kill" / "hf"), hf_weights(full_run[0] / "hf")
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_full_disk_is_one_clear_error_and_the_last_checkpoint_resumes(env, full_run, tmp_path):
+    """A real full disk (a 1.6 MB tmpfs; skipped where mounting is not allowed) while saving every step."""
+    import shutil
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        cfg = base_cfg(env, mnt / "run", max_steps=30, save_every=1, keep=100)
+        with pytest.raises(trainer_lib.TrainError, match=r"Disk full .* the last whole checkpoint is .*checkpoints/\d+"):
+            train(cfg)
+        shutil.copytree(mnt / "run", tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)  # lazy: a writer may still hold a file
+    s = train(base_cfg(env, tmp_path / "moved", max_steps=30, save_every=1, keep=100))
+    assert s["steps"] == 30
+    assert losses(tmp_path / "moved") == losses(full_run[0])
+    a, b = hf_weights(tmp_path / "moved" / "hf"), hf_weights(full_run[0] / "hf")
+    assert all(np.array_equal(a[k], b[k]) for k in b)

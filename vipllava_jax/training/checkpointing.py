@@ -18,12 +18,14 @@ class RunCheckpoints:
     def __init__(self, directory, *, keep: int = 3, best_metric: str | None = None):
         self.directory = Path(directory).absolute()
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
             best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="min",
             keep_checkpoints_without_metrics=True)
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self) -> int | None:
+        """The newest whole checkpoint (orbax writes into a temporary directory and renames it when done, so
+        an interrupted save is never listed)."""
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: dict, run: dict, *, metrics: dict | None = None,

@@ -6,8 +6,11 @@ RUN_DIR layout: ``metrics.jsonl`` (one line per logged step), TensorBoard events
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import math
 import signal
 import threading
@@ -59,9 +62,8 @@ class MetricsWriter:
         if not self.on:
             return
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            self.path.write_text("".join(ln + "\n" for ln in self.path.read_text().splitlines()
+                                         if _line_step(ln) is not None and _line_step(ln) <= resume_step))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
 
     def write(self, row: dict) -> None:
@@ -76,6 +78,27 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short (a crash or a full disk mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in an exception's chain (orbax/tensorstore report it as RESOURCE_EXHAUSTED text)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Preemption:
@@ -293,6 +316,9 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f"{int(m['nonfinite_run'])} non-finite steps in a row, the last {where}; last good "
                              f"checkpoint: {_last_ckpt(ckpts)}")
 
+    asyncio_log = logging.getLogger("asyncio")  # orbax's failed writes also log "Task exception never retrieved"
+    asyncio_level = asyncio_log.level
+    asyncio_log.setLevel(logging.CRITICAL)
     try:
         while step < s.steps:
             batch = stack_micro([next(it) for _ in range(cfg.grad_accum)])
@@ -330,12 +356,28 @@ def train(cfg: TrainConfig) -> dict:
                 break
             if (cfg.save_every and step % cfg.save_every == 0) or step == s.steps:
                 save(step, eval_loss)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+        if not is_disk_full(e):
+            raise
+        with contextlib.suppress(Exception):
+            ckpts.wait()
+        raise TrainError(f"Disk full while writing to {run_dir} at step {step}; the last whole checkpoint is "
+                         f"{_last_ckpt(ckpts)}. Free space and run the same command again to resume from it") from None
     finally:
         bar.close()
-        writer.close()
         preempt.close()
         it.close()
+        asyncio_log.setLevel(asyncio_level)
+        with contextlib.suppress(OSError):
+            writer.close()
+    try:
         ckpts.wait()
+    except Exception as e:  # noqa: BLE001
+        if not is_disk_full(e):
+            raise
+        raise TrainError(f"Disk full while saving the checkpoint of step {step} in {ckpts.directory}; the last "
+                         f"whole checkpoint is {_last_ckpt(ckpts)}. Free space and run the same command again to "
+                         f"resume from it") from None
     hf_dir = run_dir / "hf"
     if not stopped and not hf_dir.exists():
         export_hf(state, s.frozen, s.module.config, hf_dir, lora=s.step_cfg.lora, files_from=s.model_dir)
