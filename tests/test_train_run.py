@@ -180,27 +180,82 @@ train(cfg)
 """
 
 
-def test_eight_devices_fsdp_tensor_match_one_device(env, full_run, tmp_path):
-    out = tmp_path / "mesh"
+def _subprocess_env(**extra) -> dict:
+    env_vars = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env_vars.update(PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_PLATFORMS="cpu", **extra)
+    return env_vars
+
+
+@pytest.fixture(scope="module")
+def mesh8_run(env):
+    """The 30-step run on 8 CPU devices of one process, fsdp=4 x tensor=2."""
+    out = env[0] / "mesh8"
     cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2")
-    env_vars = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    JAX_DEFAULT_MATMUL_PRECISION="highest")
-    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, json.dumps(cfg.to_dict())], env=env_vars,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, json.dumps(cfg.to_dict())], capture_output=True,
+                       text=True, timeout=600,
+                       env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert r.returncode == 0, r.stderr[-3000:]
-    one, eight = losses(full_run[0]), losses(out)
-    assert sorted(one) == sorted(eight)
-    for s in one:
-        assert abs(one[s] - eight[s]) <= 1e-5 * max(1.0, abs(one[s])), (s, one[s], eight[s])
+    return out
+
+
+def _close(a: dict, b: dict, steps) -> None:
+    for s in steps:
+        assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(b[s])), (s, a[s], b[s])
+
+
+def test_eight_devices_fsdp_tensor_match_one_device(full_run, mesh8_run):
+    one, eight = losses(full_run[0]), losses(mesh8_run)
+    assert sorted(one) == sorted(eight) == list(range(1, 31))
+    _close(eight, one, one)
+
+
+def test_two_processes_match_one_process_and_resume_in_one(env, full_run, mesh8_run, tmp_path):
+    """Two processes (jax.distributed + gloo, 4 CPU devices each, one global fsdp=4 x tensor=2 mesh), each
+    reading its own rows: the losses equal the one-process 8-device run's. SIGTERM to process 0 stops both at
+    the same step (JAX's preemption sync point), exit 0; the checkpoint they wrote then resumes in ONE process
+    and the run ends with the same losses."""
+    import signal
+    import socket
+    import time
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two"
+    cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2")
+    procs = [subprocess.Popen(
+        [sys.executable, str(REPO / "train" / "train.py")] + _cli_args(cfg) +
+        ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        _wait_for_step(procs[0], out, 12, timeout=400)
+        procs[0].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+    assert "Stopped at step" in logs[0] and "Stopped at step" not in logs[1]  # only process 0 prints
+    two = losses(out)
+    stop = max(two)
+    assert 12 <= stop < 30 and sorted(two) == list(range(1, stop + 1))
+    _close(two, losses(mesh8_run), two)
+    summary = train(cfg.replace(mesh="auto"))  # one process, one device, the two processes' checkpoint
+    assert summary["steps"] == 30
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, 31))
+    _close(resumed, losses(full_run[0]), range(stop + 1, 31))
 
 
 def test_nonfinite_step_stops_naming_it_or_is_skipped(env, tmp_path, monkeypatch):
     real = trainer_lib.stack_micro
     poison = {"steps": {4}, "n": 0}
 
-    def poisoned(batches):
-        out = real(batches)
+    def poisoned(batches, *args):
+        out = real(batches, *args)
         poison["n"] += 1
         if poison["n"] in poison["steps"]:
             out["pixel_values"] = out["pixel_values"] * np.float32("nan")

@@ -63,6 +63,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -707,6 +708,52 @@ def _pipeline(records, processor, cfg, image_folder, *, shard_index, shard_count
     return it, len(share)
 
 
+class _HostRows:
+    """Index k of one host's stream -> index in the global stream. Host i of p takes rows [i*b, (i+1)*b) of
+    every global batch of p*b rows, so the global batches are the same whatever the number of hosts."""
+
+    def __init__(self, source: grain.MapDataset, rows: int, hosts: int, host: int):
+        self.source, self.rows, self.hosts, self.host = source, rows, hosts, host
+
+    def global_index(self, k: int) -> int:
+        return (k // self.rows) * self.rows * self.hosts + self.host * self.rows + k % self.rows
+
+    def __call__(self, k: int):
+        return self.source[self.global_index(k)]
+
+
+def _host_length(total: int, rows: int, hosts: int, host: int) -> int:
+    """How many of a global stream of `total` items host `host` gets under `_HostRows`."""
+    blocks, rem = divmod(total, rows)
+    n = (blocks // hosts + (1 if blocks % hosts > host else 0)) * rows
+    return n + (rem if blocks % hosts == host else 0)
+
+
+def _train_pipeline(records, processor, cfg, image_folder, *, rows, shard_index, shard_count, num_epochs,
+                    start_epoch, num_workers, num_threads):
+    """The global stream (every record, shuffled per epoch with cfg.seed, repeated), of which this host
+    encodes only its own rows of each global batch."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
+    if not records:
+        raise ValueError("no training records")
+    ds = grain.MapDataset.source(list(records))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)  # grain reshuffles each repetition: another (seeded) order per epoch
+    ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(_Encode(processor, cfg, image_folder, len(records), start_epoch))
+    total = len(records) * num_epochs if num_epochs is not None else sys.maxsize // 2
+    local = grain.MapDataset.range(_host_length(total, rows, shard_count, shard_index))
+    local = local.map(_HostRows(ds, rows, shard_count, shard_index))
+    it = local.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                 prefetch_buffer_size=max(2 * num_threads, 1)))
+    if num_workers > 0:
+        if not absl_flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
+            absl_flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
 def _image_shape(processor, cfg) -> tuple[int, int, int]:
     ic = processor.image_config
     return 3, ic.crop_size["height"], ic.crop_size["width"]
@@ -718,9 +765,11 @@ def make_train_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, 
                         num_threads: int = 2) -> DataIterator:
     """Training batches: this host's share of `records`, shuffled per epoch, encoded, batched.
 
-    records: all records (every host passes the same list); host `shard_index` of `shard_count` (pass
-      jax.process_index() / jax.process_count()) reads records[shard_index::shard_count]: disjoint, and
-      together complete.
+    records: all records (every host passes the same list). They form one global stream, shuffled per epoch;
+      host `shard_index` of `shard_count` (pass jax.process_index() / jax.process_count()) reads and encodes
+      only its own rows of each global batch of shard_count x batch_size rows: the hosts' shares are disjoint
+      and together complete, and the global batches do not depend on the number of hosts (as long as no
+      example is dropped: a host replaces a dropped example with its next one).
     num_epochs: None repeats forever (the train loop stops at its step count); epoch e (from start_epoch)
       shuffles with grain's per-repetition permutation of cfg.seed and seeds the markers with e.
     batch_size: rows per batch on this host (default cfg.batch_size).
@@ -729,10 +778,11 @@ def make_train_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, 
     Returns a `DataIterator` (get_state / set_state / stats); each batch has the keys of the module docstring.
     """
     cfg = cfg.resolve(processor)
-    it, _ = _pipeline(records, processor, cfg, image_folder, shard_index=shard_index, shard_count=shard_count,
-                      num_epochs=num_epochs, start_epoch=start_epoch, shuffle=cfg.shuffle, num_workers=num_workers,
-                      num_threads=num_threads)
-    return DataIterator(it, cfg, batch_size or cfg.batch_size, _image_shape(processor, cfg))
+    b = batch_size or cfg.batch_size
+    it = _train_pipeline(records, processor, cfg, image_folder, rows=b, shard_index=shard_index,
+                         shard_count=shard_count, num_epochs=num_epochs, start_epoch=start_epoch,
+                         num_workers=num_workers, num_threads=num_threads)
+    return DataIterator(it, cfg, b, _image_shape(processor, cfg))
 
 
 def make_eval_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, image_folder=None,

@@ -52,7 +52,7 @@ def loss_fn(module, params, batch: Mapping[str, Any], *, num_tokens=None) -> tup
     batch: ``input_ids`` [B, T], ``attention_mask`` [B, T], ``pixel_values`` [I, 3, H, W] (absent or None for
     text only), ``labels`` [B, T] (HF convention: same positions as input_ids, -100 where ignored; shifted
     here). Optional ``image_valid`` [I] bool marks real images when the image count is padded to a bucket
-    (padding images come last and have no image tokens).
+    (padding images have no image tokens; the real ones are taken in order wherever the padding sits).
 
     The loss is the mean over supervised tokens. ``num_tokens`` (traced or not) replaces this batch's own
     count as the denominator: with gradient accumulation pass the whole global batch's count to every
@@ -61,8 +61,13 @@ def loss_fn(module, params, batch: Mapping[str, Any], *, num_tokens=None) -> tup
     metrics: ``loss``, ``nll_sum`` (sum over this batch), ``num_tokens`` (this batch's supervised count)."""
     labels = batch["labels"]
     check_labels(labels, module.config.text.vocab_size)
-    out = module.apply({"params": params}, batch["input_ids"], batch.get("pixel_values"),
-                       batch.get("attention_mask"), image_valid=batch.get("image_valid"))
+    pixels, valid = batch.get("pixel_values"), batch.get("image_valid")
+    if valid is not None:
+        # Real images first, in order (each host pads its own images, so padding can sit between hosts' images).
+        order = jnp.argsort(~jnp.asarray(valid, bool), stable=True)
+        pixels, valid = jnp.asarray(pixels)[order], jnp.asarray(valid, bool)[order]
+    out = module.apply({"params": params}, batch["input_ids"], pixels, batch.get("attention_mask"),
+                       image_valid=valid)
     nll_sum, count = token_nll_sum(out.logits, jnp.asarray(labels))
     denom = count if num_tokens is None else num_tokens
     loss = nll_sum / jnp.maximum(denom, 1).astype(jnp.float32)

@@ -114,16 +114,28 @@ def make_eval_step(module, cfg: StepConfig = StepConfig()) -> Callable:
 
 # --- shardings -------------------------------------------------------------------------------------------------
 def batch_shardings(batch_shapes: dict, mesh, rules=LOGICAL_AXIS_RULES) -> dict:
-    """Rows split over the mesh's batch axes (data x fsdp); images too when their count divides, else
-    replicated. Leading axis A (micro-batches) is never split."""
+    """Rows and images split over the mesh's batch axes (data x fsdp); the leading axis A (micro-batches) is
+    never split. ``batch_shapes`` are this process's; every process holds the same number of rows and
+    images, and the global counts must divide by the batch axes (see `host_image_multiple`)."""
     axes = rule_axes("batch", rules)
     row = axes[0] if len(axes) == 1 else tuple(axes) if axes else None
     n = batch_divisor(mesh, rules)
     out = {}
     for k, shape in batch_shapes.items():
-        split = k not in ("pixel_values", "image_valid") or shape[1] % n == 0
-        out[k] = NamedSharding(mesh, P(None, row if split else None, *([None] * (len(shape) - 2))))
+        if shape[1] * jax.process_count() % n:
+            raise ValueError(f"batch {k} has {shape[1] * jax.process_count()} rows/images per micro-batch, not "
+                             f"divisible by the {n} devices the batch is split over")
+        out[k] = NamedSharding(mesh, P(None, row, *([None] * (len(shape) - 2))))
     return out
+
+
+def host_image_multiple(mesh, rules=LOGICAL_AXIS_RULES) -> int:
+    """Each host pads its images to a multiple of this, so the global image count splits evenly."""
+    n = batch_divisor(mesh, rules)
+    if n % jax.process_count():
+        raise ValueError(f"The mesh splits the batch {n} ways, which the {jax.process_count()} processes do not "
+                         f"divide: every process must feed its own rows (use data/fsdp axes across hosts)")
+    return n // jax.process_count()
 
 
 def tree_logical_shardings(axes_tree, mesh, rules=LOGICAL_AXIS_RULES):

@@ -33,8 +33,8 @@ from .config import TrainConfig
 from .export import export_hf
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .optim import lr_schedule, make_optimizer, split_params
-from .step import (StepConfig, batch_shardings, init_state, jit_eval_step, jit_train_step, make_eval_step,
-                   make_train_step, put_batch, state_shardings, tree_logical_shardings)
+from .step import (StepConfig, batch_shardings, host_image_multiple, init_state, jit_eval_step, jit_train_step,
+                   make_eval_step, make_train_step, put_batch, state_shardings, tree_logical_shardings)
 
 # Settings that change what a resumed run computes: resuming with any of them changed is refused.
 RESUME_KEYS = ("model", "data", "image_folder", "stage", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
@@ -145,11 +145,25 @@ def check_resume(saved: dict, cfg: TrainConfig) -> None:
                          f"--force-resume to resume anyway")
 
 
-def stack_micro(batches: list[dict]) -> dict:
+def gather_json(obj) -> list:
+    """Every process's JSON-able ``obj``, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lens = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(lens.max()), np.uint8)
+    buf[:raw.size] = raw
+    got = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(bytes(got[i, :int(n)]).decode()) for i, n in enumerate(lens)]
+
+
+def stack_micro(batches: list[dict], image_multiple: int = 1) -> dict:
     """A micro-batches -> one dict of [A, ...] arrays (the train step's input): length and image count padded
-    to the largest (masked tokens with label -100, zero images marked invalid)."""
+    to the largest, the image count to a multiple of ``image_multiple`` (masked tokens with label -100, zero
+    images marked invalid)."""
     t = max(b["input_ids"].shape[1] for b in batches)
     n_img = max(b["pixel_values"].shape[0] for b in batches)
+    n_img = -(-n_img // image_multiple) * image_multiple
     out: dict[str, list] = {k: [] for k in data_lib.BATCH_KEYS}
     for b in batches:
         dt, di = t - b["input_ids"].shape[1], n_img - b["pixel_values"].shape[0]
@@ -178,6 +192,7 @@ class Setup:
     abstract_state: object
     tx: object
     step_cfg: StepConfig
+    image_multiple: int
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -214,7 +229,7 @@ def setup(cfg: TrainConfig) -> Setup:
     state = jax.jit(lambda t: init_state(t, tx), out_shardings=state_sh)(trainable)
     return Setup(module=module, model_dir=model_dir, mesh=mesh, processor=processor, data_cfg=data_cfg,
                  records=records, steps=steps, frozen=frozen, frozen_sh=frozen_sh, state=state, state_sh=state_sh,
-                 abstract_state=abstract, tx=tx,
+                 abstract_state=abstract, tx=tx, image_multiple=host_image_multiple(mesh),
                  step_cfg=StepConfig(lora=lora_cfg, skip_nonfinite=cfg.skip_nonfinite))
 
 
@@ -255,7 +270,7 @@ def evaluate(cfg: TrainConfig, s: Setup, steps: CompiledSteps, state, records) -
     total, count = 0.0, 0
     with it:
         for b in it:
-            out = steps.eval(state, stack_micro([b]))
+            out = steps.eval(state, stack_micro([b], s.image_multiple))
             total += float(out["nll_sum"])
             count += int(out["num_tokens"])
     return total / max(count, 1)
@@ -283,7 +298,14 @@ def train(cfg: TrainConfig) -> dict:
                                       shard_index=jax.process_index(), shard_count=jax.process_count(),
                                       num_workers=cfg.num_workers)
     if data_state is not None:
-        it.set_state(data_state)
+        states = data_state.get("processes", [])
+        if len(states) == jax.process_count():
+            it.set_state(states[jax.process_index()])
+        else:  # saved by another number of processes: the global stream is the same, skip what was consumed
+            _log0(f"The checkpoint's data position was saved by {len(states)} process(es), this run has "
+                  f"{jax.process_count()}: skipping the {start * cfg.grad_accum} micro-batches already trained on")
+            for _ in range(start * cfg.grad_accum):
+                next(it)
     eval_records = data_lib.load_records(cfg.eval_data) if cfg.eval_data else None
     steps = CompiledSteps(s)
     lr_at = lr_schedule(cfg.learning_rate, s.steps, cfg.warmup_ratio)
@@ -301,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
         if pending is not None:  # never save a state whose last update was not checked
             check_finite(*pending)
             pending = None
-        ckpts.save(step, state, it.get_state(), {"config": cfg.to_dict(), "step": step},
+        ckpts.save(step, state, {"processes": gather_json(it.get_state())}, {"config": cfg.to_dict(), "step": step},
                    metrics={"eval_loss": eval_loss} if eval_loss is not None else None)
 
     def check_finite(at: int, m) -> None:
@@ -321,7 +343,7 @@ def train(cfg: TrainConfig) -> dict:
     asyncio_log.setLevel(logging.CRITICAL)
     try:
         while step < s.steps:
-            batch = stack_micro([next(it) for _ in range(cfg.grad_accum)])
+            batch = stack_micro([next(it) for _ in range(cfg.grad_accum)], s.image_multiple)
             state, m = steps.train(state, batch)
             step += 1
             if pending is not None:
