@@ -363,3 +363,29 @@ def test_full_disk_is_one_clear_error_and_the_last_checkpoint_resumes(env, full_
     assert losses(tmp_path / "moved") == losses(full_run[0])
     a, b = hf_weights(tmp_path / "moved" / "hf"), hf_weights(full_run[0] / "hf")
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_eval_loss_and_keeping_latest_and_best(env, tmp_path):
+    """Eval every 3 steps: its loss is the supervised-token mean of HF-convention losses over the eval set
+    (recomputed here from the exported model), and the checkpoints kept are the 2 newest and the 2 best."""
+    from vipllava_jax.processing import Processor
+    from vipllava_jax.training import data as D
+    from vipllava_jax.training.loss import loss_fn
+    root, model, data = env
+    cfg = base_cfg(env, tmp_path / "ev", max_steps=9, save_every=1, keep=2, eval_data=str(data), eval_every=3)
+    train(cfg)
+    rows = [json.loads(ln) for ln in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [3, 6, 9]
+    best2 = sorted(evals, key=evals.get)[:2]
+    kept = sorted(int(p.name) for p in (tmp_path / "ev" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({8, 9} | set(best2))
+    module, params = load_pretrained(tmp_path / "ev" / "hf", progress=False)
+    proc = Processor.from_pretrained(model)
+    dcfg = D.DataConfig.from_train(cfg, module.config, proc)
+    total = count = 0.0
+    for b in D.make_eval_iterator(D.load_records(data), proc, dcfg, image_folder=root / "images", batch_size=4):
+        loss, m = loss_fn(module, params, b)
+        total += float(loss) * int(m["num_tokens"])
+        count += int(m["num_tokens"])
+    assert abs(total / count - evals[9]) < 1e-5 * evals[9]

@@ -10,17 +10,24 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from .step import TrainState
 
 
 class RunCheckpoints:
     def __init__(self, directory, *, keep: int = 3, best_metric: str | None = None):
+        """keep: the newest checkpoints kept; with ``best_metric`` (lower is better, e.g. eval loss) the
+        ``keep`` best of the checkpoints saved with that metric are kept too."""
         self.directory = Path(directory).absolute()
+        # Keep the newest `keep` (resume needs the last) and, where eval runs, also the `keep` best by it.
+        policies = [checkpoint_managers.LatestN(keep)]
+        if best_metric:
+            policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=keep,
+                                                      keep_checkpoints_without_metrics=False))
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
-            best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="min",
-            keep_checkpoints_without_metrics=True)
+            create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self) -> int | None:
