@@ -1,10 +1,10 @@
-"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``."""
+"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``, ``train``, ``eval``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import cli_convert, cli_demo, cli_generate, cli_plan, cli_train
+from . import cli_convert, cli_demo, cli_eval, cli_generate, cli_plan, cli_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_convert.register(sub)
     cli_plan.register(sub)
     cli_train.register(sub)
+    cli_eval.register(sub)
     return ap
 
 
