@@ -187,7 +187,7 @@ class Setup:
     steps: int
     frozen: dict
     frozen_sh: dict
-    state: object
+    init_state: object  # () -> the fresh TrainState, on its shardings (not built when a run resumes)
     state_sh: object
     abstract_state: object
     tx: object
@@ -226,9 +226,10 @@ def setup(cfg: TrainConfig) -> Setup:
                         clip_norm=cfg.clip_norm)
     abstract = jax.eval_shape(lambda t: init_state(t, tx), trainable)
     state_sh = state_shardings(abstract, trainable_sh, mesh)
-    state = jax.jit(lambda t: init_state(t, tx), out_shardings=state_sh)(trainable)
+    fresh = lambda: jax.jit(lambda t: init_state(t, tx), out_shardings=state_sh)(trainable)  # noqa: E731
     return Setup(module=module, model_dir=model_dir, mesh=mesh, processor=processor, data_cfg=data_cfg,
-                 records=records, steps=steps, frozen=frozen, frozen_sh=frozen_sh, state=state, state_sh=state_sh,
+                 records=records, steps=steps, frozen=frozen, frozen_sh=frozen_sh, init_state=fresh,
+                 state_sh=state_sh,
                  abstract_state=abstract, tx=tx, image_multiple=host_image_multiple(mesh),
                  step_cfg=StepConfig(lora=lora_cfg, skip_nonfinite=cfg.skip_nonfinite))
 
@@ -281,17 +282,20 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.output).absolute()
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    s = setup(cfg)
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep, best_metric="eval_loss" if cfg.eval_data else None)
-    state, data_state, start = s.state, None, 0
     latest = ckpts.latest_step()
-    if latest is not None:
+    if latest is not None:  # before loading any weights: a refused resume fails at once
         check_resume(ckpts.read_run(latest)["config"], cfg)
+    s = setup(cfg)
+    data_state, start = None, 0
+    if latest is not None:
         state, data_state, _ = ckpts.restore(latest, abstract_like(s.abstract_state, s.state_sh))
         start = int(state.step)
         _log0(f"Resuming {run_dir} from step {start}")
-    elif jax.process_index() == 0:
-        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    else:
+        state = s.init_state()
+        if jax.process_index() == 0:
+            (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     it = data_lib.make_train_iterator(s.records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
                                       batch_size=cfg.micro_batch_size // jax.process_count(),
