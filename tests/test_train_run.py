@@ -389,3 +389,16 @@ def test_eval_loss_and_keeping_latest_and_best(env, tmp_path):
         total += float(loss) * int(m["num_tokens"])
         count += int(m["num_tokens"])
     assert abs(total / count - evals[9]) < 1e-5 * evals[9]
+
+
+def test_bfloat16_compute_with_fp32_master_weights(env, tmp_path):
+    """--dtype bfloat16: compute in bf16, parameters (and the export) stay fp32; the loss falls like fp32's."""
+    out = tmp_path / "bf16"
+    train(base_cfg(env, out, max_steps=12, dtype="bfloat16"))
+    ls = losses(out)
+    assert ls[12] < 0.8 * ls[1]
+    w = hf_weights(out / "hf")
+    assert all(v.dtype == np.float32 for v in w.values())
+    # bf16-rounded weights would lose the low mantissa bits of the fp32 updates: the trained ones keep them
+    lm = w["language_model.layers.0.mlp.up_proj.weight"]
+    assert np.any(lm.view(np.uint32) & 0xFFFF)
