@@ -35,3 +35,26 @@ def test_generate_benchmark_tiny(tmp_path, capsys, monkeypatch):
     assert all(r["value"] > 0 for r in rows if r["metric"] != "compile_s" and "cached" not in r["metric"])
     printed = capsys.readouterr().out
     assert "metric" in printed and "ratio" in printed and "decode_tok_s" in printed
+
+
+TRAIN_BENCH = BENCH.with_name("train.py")
+
+
+def test_train_benchmark_tiny(tmp_path, capsys):
+    """bench/train.py on the tiny config: both implementations, both stages, every metric; and both sides
+    train the same thing: the same first-step loss at float32 and the same number of trained parameters."""
+    out = tmp_path / "train.jsonl"
+    bench = runpy.run_path(str(TRAIN_BENCH))
+    assert bench["main"](["--config", "tiny", "--steps", "1", "--json", str(out), "--workdir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {(r["impl"], r["stage"], r["metric"]): r["value"] for r in rows}
+    for impl in ("jax", "torch"):
+        for stage in ("full", "lora"):
+            for metric in ("step_s", "tokens_s", "mfu", "peak_mem_gib", "first_step_loss", "trained_params"):
+                assert got[(impl, stage, metric)] > 0, (impl, stage, metric)
+    for stage in ("full", "lora"):
+        j, t = got[("jax", stage, "first_step_loss")], got[("torch", stage, "first_step_loss")]
+        assert abs(j - t) <= 1e-4 * t, (stage, j, t)
+        assert got[("jax", stage, "trained_params")] == got[("torch", stage, "trained_params")]
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "tokens_s" in printed and "mfu" in printed

@@ -46,8 +46,9 @@ class StepConfig:
 
 
 def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
-    z = jnp.zeros((), jnp.int32)
-    return TrainState(step=z, trainable=trainable, opt_state=tx.init(trainable), nonfinite_run=z, skipped_total=z)
+    z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - distinct buffers: the state is donated leaf by leaf
+    return TrainState(step=z(), trainable=trainable, opt_state=tx.init(trainable), nonfinite_run=z(),
+                      skipped_total=z())
 
 
 def compute_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None) -> dict:
