@@ -5,10 +5,10 @@ and ``params/`` (an orbax StandardCheckpointer tree), plus the tokenizer files c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import flax
 
-from .convert import abstract_params, copy_tokenizer_files, flat_paths, load_hf_params, read_hf_config
-from .hf_io import CheckpointError
-from .sharding import tree_shardings
+from .convert import (abstract_params, copy_tokenizer_files, flat_paths, load_config_file, load_hf_params,
+                      read_hf_config)
+from .hf_io import CheckpointError, atomic_output_dir, held_stderr, is_disk_full
+from .sharding import check_mesh_fits, mesh_sizes, tree_shardings
 from .vipllava import VipLlavaConfig, VipLlavaForConditionalGeneration
 
 FORMAT_KEY = "vipllava_jax"
@@ -28,8 +29,15 @@ def is_orbax_dir(path) -> bool:
     p = Path(path)
     if not (p / "config.json").exists() or not (p / "params").is_dir():
         return False
-    with open(p / "config.json") as f:
-        return FORMAT_KEY in json.load(f)
+    return FORMAT_KEY in read_hf_config(p)
+
+
+def check_mesh(config: VipLlavaConfig, mesh) -> None:
+    """Every entry point that takes a mesh checks that it fits the model (`sharding.check_mesh_fits`): a vocab,
+    head count or MLP size the ``tensor`` axis does not divide is the clear mesh-fit error, never JAX's raw
+    IndivisibleError. (No padding: a padded vocab would change the saved shapes and the logits' width.)"""
+    if mesh is not None:
+        check_mesh_fits(mesh_sizes(mesh), config)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -82,43 +90,98 @@ def relayout(params: dict, scan_layers: bool) -> dict:
 
 def param_shardings(config: VipLlavaConfig, mesh) -> dict[str, jax.sharding.Sharding]:
     """Flax path -> NamedSharding, from the logical names on every parameter and the rules table."""
+    check_mesh(config, mesh)
     boxed = abstract_params(VipLlavaForConditionalGeneration(config))
     return flat_paths(tree_shardings(boxed, mesh))
 
 
 def save_orbax(params: dict, config: VipLlavaConfig, out_dir, *, tokenizer_from=None, overwrite: bool = False) -> Path:
-    """Save params + config. Written to ``<out>.partial`` and renamed, so no half-written checkpoint remains."""
+    """Save params + config. Written into a temporary sibling and swapped into place (see
+    `hf_io.atomic_output_dir`): ``out_dir`` is at every moment the old checkpoint or the new one, whole."""
     import orbax.checkpoint as ocp
-    out = Path(out_dir).absolute()
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists() and jax.process_index() == 0:
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "params", params)
-    ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        cfg = config.to_hf()
-        cfg[FORMAT_KEY] = {"format": 1, "scan_layers": config.text.scan_layers,
-                           "dtypes": sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})}
-        with open(tmp / "config.json", "w") as f:
-            json.dump(cfg, f, indent=2)
-        if tokenizer_from is not None:
-            copy_tokenizer_files(tokenizer_from, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    return out
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with held_stderr(drop_if=is_disk_full):
+            ckptr = ocp.StandardCheckpointer()
+            try:
+                ckptr.save(tmp / "params", params)
+                ckptr.wait_until_finished()
+            finally:  # joins orbax's background threads, whose failure tracebacks are held back too
+                with contextlib.suppress(Exception):
+                    ckptr.close()
+        if jax.process_index() == 0:
+            cfg = config.to_hf()
+            cfg[FORMAT_KEY] = {"format": 1, "scan_layers": config.text.scan_layers,
+                               "dtypes": sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})}
+            with open(tmp / "config.json", "w") as f:
+                json.dump(cfg, f, indent=2)
+            with open(tmp / FILE_LIST, "w") as f:
+                json.dump(_list_files(tmp / "params"), f, indent=0)
+            if tokenizer_from is not None:
+                copy_tokenizer_files(tokenizer_from, tmp)
+    return Path(out_dir).absolute()
+
+
+ORBAX_REQUIRED = ("params/_METADATA", "params/manifest.ocdbt")
+FILE_LIST = "params_files.json"  # every file under params/ and its size, written by save_orbax
+
+
+def _list_files(d: Path) -> dict[str, int]:
+    return {str(f.relative_to(d.parent)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def _damaged_orbax(path: Path, e: BaseException | None) -> CheckpointError | None:
+    """One line naming the orbax directory and the file that is missing or damaged: a file of the list
+    save_orbax wrote absent or of another size, a required file absent or empty, else a file named in the
+    error, else the error's first line. None (with no error given) when nothing is seen wrong."""
+    listed = path / FILE_LIST
+    if listed.is_file():
+        try:
+            sizes = json.loads(listed.read_text())
+        except (OSError, ValueError):
+            return CheckpointError(f"Damaged orbax checkpoint {path}: {FILE_LIST} is not valid JSON")
+        for rel, size in sizes.items():
+            f = path / rel
+            if not f.is_file():
+                return CheckpointError(f"Damaged orbax checkpoint {path}: {rel} is missing")
+            if f.stat().st_size != size:
+                return CheckpointError(f"Damaged orbax checkpoint {path}: {rel} is truncated or damaged "
+                                       f"({f.stat().st_size} bytes, written as {size})")
+    for rel in ORBAX_REQUIRED:
+        f = path / rel
+        if not f.is_file():
+            return CheckpointError(f"Damaged orbax checkpoint {path}: {rel} is missing")
+        if f.stat().st_size == 0:
+            return CheckpointError(f"Damaged orbax checkpoint {path}: {rel} is empty")
+    text = "" if e is None else f"{type(e).__name__}: {e}"
+    for m in re.finditer(r"(ocdbt\.process_\d+/)?(d/[0-9a-f]{16,}|manifest\.ocdbt|_METADATA|_sharding)", text):
+        return CheckpointError(f"Damaged orbax checkpoint {path}: params/{m.group(0)} is missing or truncated")
+    if e is None:
+        return None
+    first = text.strip().splitlines()[0][:300] if text.strip() else "unreadable"
+    return CheckpointError(f"Damaged orbax checkpoint {path}: a file under params/ is missing or truncated ({first})")
 
 
 def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None) -> dict:
-    import orbax.checkpoint as ocp
+    """Restore ``params`` of an orbax directory. A damaged directory (a data file, ``manifest.ocdbt`` or
+    ``_METADATA`` missing or truncated) is one `CheckpointError` naming it and the file; the hundreds of lines
+    orbax's background threads print meanwhile are held back."""
     path = Path(path).absolute()
-    with open(path / "config.json") as f:
-        saved_scan = json.load(f)[FORMAT_KEY].get("scan_layers", False)
+    bad = _damaged_orbax(path, None)  # a few stats: fail before orbax starts its threads
+    if bad is not None:
+        raise bad
+    check_mesh(config, mesh)
+    try:
+        with held_stderr(drop_if=lambda e: True):
+            return _restore_orbax(path, config, dtype=dtype, mesh=mesh)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
+        raise _damaged_orbax(path, e) from None
+
+
+def _restore_orbax(path: Path, config: VipLlavaConfig, *, dtype=None, mesh=None) -> dict:
+    import orbax.checkpoint as ocp
+    saved_scan = read_hf_config(path)[FORMAT_KEY].get("scan_layers", False)
     saved_cfg = config.with_layout(scan_layers=saved_scan)
     boxed = abstract_params(VipLlavaForConditionalGeneration(saved_cfg))
     ckptr = ocp.StandardCheckpointer()
@@ -147,7 +210,7 @@ def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None) -> dic
 
 
 def load_config(path) -> VipLlavaConfig:
-    return VipLlavaConfig.from_hf(read_hf_config(resolve_model_path(path)))
+    return load_config_file(resolve_model_path(path))
 
 
 def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = False, remat_policy: str = "none",
@@ -160,7 +223,8 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     mesh: a jax.sharding.Mesh; each tensor then goes straight onto its shards.
     """
     p = resolve_model_path(path)
-    cfg = VipLlavaConfig.from_hf(read_hf_config(p), scan_layers=scan_layers, remat_policy=remat_policy)
+    cfg = load_config_file(p, scan_layers=scan_layers, remat_policy=remat_policy)
+    check_mesh(cfg, mesh)
     module = VipLlavaForConditionalGeneration(cfg, dtype=jnp.float32 if dtype is None else dtype)
     if is_orbax_dir(p):
         params = restore_orbax(p, cfg, dtype=dtype, mesh=mesh)

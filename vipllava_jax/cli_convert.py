@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     src = resolve_model_path(args.src)
     module, params = load_pretrained(src, dtype=dtype, scan_layers=args.scan_layers and not args.to_hf)
     if args.to_hf:
-        out = save_hf(params, module.config, args.out, extra_files_from=src)
+        out = save_hf(params, module.config, args.out, extra_files_from=src, overwrite=args.overwrite)
     else:
         out = save_orbax(params, module.config, args.out, tokenizer_from=src, overwrite=args.overwrite)
     print(f"wrote {out}")

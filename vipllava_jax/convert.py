@@ -24,7 +24,7 @@ import flax
 import flax.linen as nn
 from tqdm.auto import tqdm
 
-from .hf_io import CheckpointError, HFCheckpoint, save_safetensors
+from .hf_io import CheckpointError, HFCheckpoint, atomic_output_dir, save_safetensors
 from .vipllava import VipLlavaConfig, VipLlavaForConditionalGeneration
 
 # --- key layouts -----------------------------------------------------------------------------------------
@@ -266,6 +266,10 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
     ckpt = HFCheckpoint(model_dir)
     keys = ckpt.keys()
     plan = plan_conversion(keys, ckpt.shape, config, targets)
+    not_float = [k for k in plan if not ckpt.is_float(k)]
+    if not_float:
+        raise CheckpointError(f"{model_dir}: tensor(s) stored as integers or booleans where floating-point "
+                              f"weights are expected: {not_float[:5]}" + (" ..." if len(not_float) > 5 else ""))
     out: dict[str, jax.Array] = {}
     stacks: dict[str, tuple[np.ndarray, set]] = {}
     total = sum(int(np.prod(ckpt.shape(k))) for k in plan)
@@ -322,11 +326,28 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    """config.json as a dict; anything that is not a JSON object is a `CheckpointError` naming the file."""
     p = Path(model_dir) / "config.json"
     if not p.exists():
         raise CheckpointError(f"No config.json in {model_dir}")
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p, "rb") as f:
+            d = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p}: a JSON {type(d).__name__}, not an object of config fields")
+    return d
+
+
+def load_config_file(model_dir: str | os.PathLike, **kw) -> VipLlavaConfig:
+    """`VipLlavaConfig.from_hf` of a directory's config.json; a bad field is a `CheckpointError` naming the file."""
+    p = Path(model_dir) / "config.json"
+    d = read_hf_config(model_dir)
+    try:
+        return VipLlavaConfig.from_hf(d, **kw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{p}: {e}") from None
 
 
 # --- export -------------------------------------------------------------------------------------------------
@@ -345,59 +366,54 @@ def to_hf_state_dict(params: dict, config: VipLlavaConfig) -> Iterable[tuple[str
 
 
 def save_hf(params: dict, config: VipLlavaConfig, out_dir: str | os.PathLike, *, dtype=None,
-            max_shard_bytes: int = 5 * 2**30, extra_files_from: str | os.PathLike | None = None) -> Path:
+            max_shard_bytes: int = 5 * 2**30, extra_files_from: str | os.PathLike | None = None,
+            overwrite: bool = False) -> Path:
     """Write an HF directory (config.json + safetensors shards + index) that transformers loads.
 
-    Written into a temporary sibling and renamed, so a crash never leaves a half-written checkpoint."""
-    import shutil
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new directory")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    weight_map = {}
-    names = []
+    Written into a temporary sibling and swapped into place (`hf_io.atomic_output_dir`), so ``out_dir`` is at
+    every moment absent, the old directory whole (replaced only with ``overwrite``), or the new one whole.
+    Call it on process 0 with host (numpy) params."""
+    with atomic_output_dir(out_dir, overwrite=overwrite, collective=False) as tmp:
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        weight_map = {}
+        names = []
 
-    def flush():
-        nonlocal size
-        if shards[-1]:
-            fn = f"model-{len(names) + 1:05d}.safetensors"
-            save_safetensors(tmp / fn, shards[-1], {"format": "pt"})
-            for k in shards[-1]:
-                weight_map[k] = fn
-            names.append(fn)
-            shards[-1] = {}
-            size = 0
+        def flush():
+            nonlocal size
+            if shards[-1]:
+                fn = f"model-{len(names) + 1:05d}.safetensors"
+                save_safetensors(tmp / fn, shards[-1], {"format": "pt"})
+                for k in shards[-1]:
+                    weight_map[k] = fn
+                names.append(fn)
+                shards[-1] = {}
+                size = 0
 
-    for key, arr in to_hf_state_dict(params, config):
-        if dtype is not None:
-            arr = arr.astype(dtype)
-        arr = np.ascontiguousarray(arr)
-        if size and size + arr.nbytes > max_shard_bytes:
-            flush()
-        shards[-1][key] = arr
-        size += arr.nbytes
-    flush()
-    total = len(names)
-    final = {}
-    for i, fn in enumerate(names):
-        new = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        os.replace(tmp / fn, tmp / new)
-        final[fn] = new
-    if total > 1:
-        index = {"metadata": {}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-        with open(tmp / "model.safetensors.index.json", "w") as f:
-            json.dump(index, f, indent=2)
-    with open(tmp / "config.json", "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    if extra_files_from is not None:
-        copy_tokenizer_files(extra_files_from, tmp)
-    os.replace(tmp, out)
-    return out
+        for key, arr in to_hf_state_dict(params, config):
+            if dtype is not None:
+                arr = arr.astype(dtype)
+            arr = np.ascontiguousarray(arr)
+            if size and size + arr.nbytes > max_shard_bytes:
+                flush()
+            shards[-1][key] = arr
+            size += arr.nbytes
+        flush()
+        total = len(names)
+        final = {}
+        for i, fn in enumerate(names):
+            new = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(tmp / fn, tmp / new)
+            final[fn] = new
+        if total > 1:
+            index = {"metadata": {}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+            with open(tmp / "model.safetensors.index.json", "w") as f:
+                json.dump(index, f, indent=2)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(config.to_hf(), f, indent=2)
+        if extra_files_from is not None:
+            copy_tokenizer_files(extra_files_from, tmp)
+    return Path(out_dir).absolute()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
