@@ -11,14 +11,18 @@ the first image before the processor resizes and crops it, as ViP-LLaVA's traini
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .distributed import add_distributed_args, initialize_from_args, is_main_process
 
 DTYPES = ("auto", "bfloat16", "float32")
+DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_CACHE_DIR = Path(os.environ.get("VIPLLAVA_JAX_CACHE", "~/.cache/vipllava_jax")).expanduser() / "xla"
 
 
@@ -28,6 +32,8 @@ def _floats(n: int | None, name: str):
             v = tuple(float(x) for x in s.split(","))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} wants comma-separated numbers, got {s!r}") from None
+        if not all(math.isfinite(x) for x in v):
+            raise argparse.ArgumentTypeError(f"{name} wants finite numbers, got {s!r}")
         if n is not None and len(v) != n:
             raise argparse.ArgumentTypeError(f"{name} wants {n} numbers, got {len(v)} in {s!r}")
         if n is None and (len(v) < 4 or len(v) % 2):
@@ -52,7 +58,9 @@ def register(sub) -> None:
                    help="pad images to a square with the CLIP mean colour instead of centre-cropping "
                         "(the original training's preprocessing; keeps markers near the edges)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"at most this many new tokens (default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in the "
+                        f"model's context after the prompt; a larger explicit value is an error)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=None)
@@ -169,11 +177,15 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     from .checkpoint import load_pretrained, resolve_model_path
     from .distributed import mesh_from_args
-    from .generation import generate, generate_stream, stop_strings_for
+    from .generation import generate, generate_stream, max_new_tokens_limit, stop_strings_for
     from .processing import DEFAULT_SYSTEM_PROMPT, Processor, build_prompt, load_image
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for q in args.prompt or ():
+        check_text(q, "--prompt")
+    if args.system is not None:
+        check_text(args.system, "--system")
     if not args.prompt and not args.chat:
         raise ValueError("give --prompt (or --chat to type questions)")
     if args.chat and args.prompt and len(args.prompt) > 1:
@@ -181,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     markers = markers_from_args(args)
     if markers and not args.image:
         raise ValueError("markers (--box, --arrow, ...) are drawn on an image: give --image")
+    if not markers and any("<bbox" in q for q in args.prompt or ()):
+        raise ValueError("the prompt names a marker with <bbox>, but there is none: draw one with --box, "
+                         "--ellipse, --point, --arrow, ... (or write the words, e.g. 'within the red rectangle')")
 
     # Inputs first: a bad image or a missing tokenizer fails before minutes of loading weights.
     model_dir = resolve_model_path(args.model)
@@ -218,7 +233,17 @@ def run(args: argparse.Namespace) -> int:
         gen_kw["eos_token_id"] = eos
 
     def question(q: str) -> str:
+        if "<bbox" in q and not phrase:
+            raise ValueError(f"{q!r} names a marker with <bbox>, but there is none: restart with --box, --point, ...")
         return q.replace("<bbox>", phrase) if phrase and "<bbox>" in q else q
+
+    def new_tokens(enc) -> int:
+        """--max-new-tokens, or by default 256 capped at what fits after this prompt (the library refuses an
+        explicit count past the context)."""
+        if args.max_new_tokens is not None:
+            return args.max_new_tokens
+        room = max_new_tokens_limit(module.config, int(np.asarray(enc["attention_mask"]).sum(-1).max()))
+        return max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
 
     if args.prompt and len(args.prompt) > 1:  # a batch: same images for every prompt
         texts = [build_prompt(question(q), len(images), system=system, style=args.prompt_style)
@@ -226,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         enc = proc(texts, [images] * len(texts) if images else None)
         tables = stop_strings_for(proc.tokenizer, stop, module.config.text.vocab_size)
         toks = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
-                        max_new_tokens=args.max_new_tokens, stop_strings=tables, mesh=mesh, **gen_kw)
+                        max_new_tokens=new_tokens(enc), stop_strings=tables, mesh=mesh, **gen_kw)
         if is_main_process():
             for q, row in zip(args.prompt, toks):
                 text = proc.decode(row.tolist())
@@ -247,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         enc = proc([text], [images] if images else None)
         answer = []
         stream = generate_stream(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
-                                 tokenizer=proc.tokenizer, max_new_tokens=args.max_new_tokens, stop=stop,
+                                 tokenizer=proc.tokenizer, max_new_tokens=new_tokens(enc), stop=stop,
                                  chunk_size=10**9 if args.no_stream else 8, mesh=mesh, **gen_kw)
         for i, piece in enumerate(stream):
             if i == 0:
@@ -262,10 +287,32 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
 
-def _read_question() -> str | None:
+def check_text(s: str, what: str) -> str:
+    """Text from the command line: bytes that are not UTF-8 arrive as lone surrogates (Python's
+    surrogateescape); refuse them with one line rather than fail deep inside the tokenizer."""
     try:
-        q = input("\nyou> " if sys.stdin.isatty() else "")
-    except EOFError:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = s[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8 (byte(s) {raw.hex(' ')} at character {e.start}); "
+                         f"re-encode it as UTF-8") from None
+    return s
+
+
+def _read_question() -> str | None:
+    """One line from stdin. Bytes that are not UTF-8 are replaced (U+FFFD), and a notice says so, rather than
+    ending the conversation."""
+    if sys.stdin.isatty():
+        print("\nyou> ", end="", flush=True)
+    buf = getattr(sys.stdin, "buffer", None)
+    raw = buf.readline() if buf is not None else sys.stdin.readline().encode("utf-8", "surrogateescape")
+    if not raw:
         return None
+    try:
+        q = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        q = raw.decode("utf-8", errors="replace")
+        print(f"[warning: the question was not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); undecodable "
+              f"bytes replaced with \ufffd]", file=sys.stderr)
     q = q.strip()
     return None if q.lower() in ("", "exit", "quit") else q

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import (ACTIVATIONS, REMAT_POLICIES, RMSNorm, attention, check_activation, check_attn_impl, check_remat,
+from .layers import (ACTIVATIONS, REMAT_POLICIES, RMSNorm, attention, check_activation, check_attn_impl,
+                     check_field_types, check_remat,
                      dense, logical)
 
 Array = jax.Array
@@ -87,6 +88,14 @@ class LlamaConfig:
         mt = d.get("model_type", "llama")
         if mt != "llama":
             raise ValueError(f"text_config has model_type {mt!r}; only Llama decoders ('llama') are supported")
+        check_field_types(d, "text_config.", positive=(
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings"), ints=("num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id",
+                                              "pad_token_id"),
+            floats=("rms_norm_eps", "rope_theta"), bools=("attention_bias", "mlp_bias"))
+        for f in ("num_key_value_heads", "head_dim"):
+            if d.get(f) is not None and d[f] < 1:
+                raise ValueError(f"text_config.{f}={d[f]!r} must be a positive integer")
         kw = {f: d[f] for f in cls._HF_FIELDS if f in d}
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = tuple(kw["eos_token_id"])

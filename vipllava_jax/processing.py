@@ -28,6 +28,7 @@ import base64
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -252,7 +253,13 @@ class ImageConfig:
         for f in ("image_mean", "image_std"):
             v = d.get(f)
             if v is not None:
-                kw[f] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+                try:
+                    kw[f] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{f}={v!r} must be numbers") from None
+                if not all(math.isfinite(x) for x in kw[f]) or (f == "image_std" and 0.0 in kw[f]):
+                    raise ValueError(f"{f}={v!r} must be finite" + (" and non-zero (pixels are divided by it)"
+                                                                    if f == "image_std" else ""))
         if d.get("do_convert_rgb") is False:
             warnings.warn("do_convert_rgb=False is ignored: images are always converted to RGB")
         return cls(**kw)
@@ -264,7 +271,13 @@ class ImageConfig:
         setup of `config.json`'s vision_config.image_size (with a warning)."""
         d = _find_image_processor_dict(Path(model_dir))
         if d is not None:
-            return cls.from_dict(d)
+            try:
+                return cls.from_dict(d)
+            except ValueError as e:
+                proc = _read_json(Path(model_dir) / PROCESSOR_CONFIG)
+                name = PROCESSOR_CONFIG if proc is not None and isinstance(proc.get("image_processor"), dict) \
+                    else PREPROCESSOR_CONFIG
+                raise ValueError(f"{Path(model_dir) / name}: {e}") from None
         cfg = _read_json(Path(model_dir) / "config.json") or {}
         image_size = (cfg.get("vision_config") or {}).get("image_size")
         if image_size is None:

@@ -243,7 +243,10 @@ def param_logical_axes(config) -> dict[str, tuple]:
 
 
 def param_sharding_tree(config, mesh: AnyMesh, rules: Rules = LOGICAL_AXIS_RULES):
-    """Nested dict of NamedShardings, the structure of the parameter tree (unboxed)."""
+    """Nested dict of NamedShardings, the structure of the parameter tree (unboxed). A mesh that does not fit
+    the model (`check_mesh_fits`) is the clear mesh-fit error: this serves `shard_params`, `sharded_forward`,
+    `generate(mesh=...)` and training."""
+    check_mesh_fits(mesh_sizes(mesh), config, rules)
     return tree_shardings(_boxed_params(config), mesh, rules)
 
 

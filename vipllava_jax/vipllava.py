@@ -6,6 +6,7 @@ D text model dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import flax.linen as nn
 from flax import struct
 
-from .layers import check_activation, dense
+from .layers import check_activation, check_field_types, dense
 from .llama import DecoderOutput, KVCache, LlamaConfig, LlamaModel
 from .projector import VipLlavaMultiModalProjector, select_vision_features
 from .vision import CLIPVisionConfig, CLIPVisionTransformer
@@ -37,6 +38,12 @@ class VipLlavaConfig:
 
     def __post_init__(self):
         check_activation(self.projector_hidden_act, "projector_hidden_act")
+        n = self.vision.num_patches
+        if self.image_seq_length != n:  # HF's model ignores the field: features come from the tower's geometry
+            warnings.warn(f"config image_seq_length={self.image_seq_length} disagrees with the vision tower, which "
+                          f"gives (image_size // patch_size) ** 2 = {n} features per image; like transformers, "
+                          f"the model uses {n}", stacklevel=3)
+            object.__setattr__(self, "image_seq_length", n)
         layers = self.vision_feature_layers
         if isinstance(layers, list):
             object.__setattr__(self, "vision_feature_layers", tuple(layers))
@@ -60,9 +67,17 @@ class VipLlavaConfig:
             arch = d.get("architectures")
             raise ValueError(f"config.json describes model_type {mt!r} (architectures {arch}), not a VipLlava "
                              f"checkpoint (model_type 'vipllava')")
+        for section in ("vision_config", "text_config"):  # no silent fallback to the 7B defaults
+            if not isinstance(d.get(section), dict):
+                what = "missing" if d.get(section) is None else f"a {type(d[section]).__name__}, not an object"
+                raise ValueError(f"config has no usable {section!r} section ({what}); a VipLlava config.json "
+                                 f"describes both towers")
+        check_field_types(d, "", positive=("image_seq_length",), ints=("image_token_index", "image_token_id",
+                                                                       "vision_feature_layer"),
+                          floats=("projector_layernorm_eps",))
         layout = dict(scan_layers=scan_layers, remat_policy=remat_policy)
-        vision = CLIPVisionConfig.from_hf(d.get("vision_config") or {}, **layout)
-        text = LlamaConfig.from_hf(d.get("text_config") or {}, **layout)
+        vision = CLIPVisionConfig.from_hf(d["vision_config"], **layout)
+        text = LlamaConfig.from_hf(d["text_config"], **layout)
         kw: dict[str, Any] = {}
         for f in ("image_token_index", "projector_hidden_act", "projector_layernorm_eps", "image_seq_length"):
             if f in d:
@@ -121,6 +136,22 @@ def image_token_mismatch(input_ids, num_images: int, image_token_index: int, ima
     return None
 
 
+def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids") -> None:
+    """Host-side check (concrete ids only, before any cast that could wrap an int64): every id in
+    [0, vocab_size). An id outside would silently index a clamped or garbage embedding row."""
+    a = np.asarray(input_ids)
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}): give at least one token per row")
+    if a.dtype.kind not in "iu":
+        return
+    bad = (a < 0) | (a >= vocab_size)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        row, pos = (idx[0], idx[1]) if len(idx) == 2 else (0, idx[-1])
+        raise ValueError(f"{name} row {row} position {pos} holds token id {int(a[idx])}, outside the vocabulary "
+                         f"[0, {vocab_size}) ({int(bad.sum())} such id(s) in all)")
+
+
 def default_positions(attention_mask: Array | None, b: int, t: int) -> Array:
     """RoPE positions [B, T]: count only real tokens, so a left-padded row gets the positions it would have alone."""
     if attention_mask is None:
@@ -171,6 +202,8 @@ class VipLlavaForConditionalGeneration(nn.Module):
             if image_features is not None:
                 raise ValueError("Give pixel_values or image_features, not both")
             image_features, vision_hs = self.encode_images(pixel_values)
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_token_ids(input_ids, c.text.vocab_size)
         embeds = self.language_model.embed(input_ids)
         ok = None
         if image_features is not None:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import ACTIVATIONS, REMAT_POLICIES, attention, check_activation, check_remat, dense, layer_norm, logical
+from .layers import (ACTIVATIONS, REMAT_POLICIES, attention, check_activation, check_field_types, check_remat, dense,
+                     layer_norm, logical)
 
 Array = jax.Array
 
@@ -63,6 +64,9 @@ class CLIPVisionConfig:
             d = d["vision_config"]
         elif mt not in ("clip_vision_model",):
             raise ValueError(f"vision_config has model_type {mt!r}; only CLIP vision towers ('clip_vision_model') are supported")
+        check_field_types(d, "vision_config.", positive=(
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+            "patch_size", "num_channels", "projection_dim"), floats=("layer_norm_eps",))
         kw = {f: d[f] for f in cls._HF_FIELDS if f in d}
         kw.update(overrides)
         return cls(**kw)

@@ -146,8 +146,12 @@ class _Marker:
         parse_color(self.color)
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"{self.kind}: alpha must be in [0, 1], got {self.alpha}")
-        if self.width is not None and int(self.width) < 1:
-            raise ValueError(f"{self.kind}: width must be >= 1 pixel, got {self.width}")
+        if self.width is not None:
+            w = self.width
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not math.isfinite(w):
+                raise ValueError(f"{self.kind}: width must be a number of pixels, got {w!r}")
+            if int(w) < 1:
+                raise ValueError(f"{self.kind}: width must be >= 1 pixel, got {w}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +227,14 @@ def _scale(size: tuple[int, int]) -> float:
 
 
 def _line_width(m: _Marker, size) -> int:
-    return int(m.width) if m.width is not None else max(1, round(LINE_WIDTH * _scale(size)))
+    """The width in pixels; at most the image's longer side (a wider line covers nothing more, and drawing
+    time grows with the width squared)."""
+    if m.width is None:
+        return max(1, round(LINE_WIDTH * _scale(size)))
+    if int(m.width) > max(size):
+        raise ValueError(f"{m.kind}: width {m.width} is wider than the {size[0]}x{size[1]} image; at most "
+                         f"{max(size)} pixels")
+    return int(m.width)
 
 
 def _xy(m: _Marker, p, size, what: str) -> tuple[float, float]:
@@ -373,8 +384,11 @@ def _coverage(m: _Marker, size) -> np.ndarray:
     elif isinstance(m, Point):
         x, y = _xy(m, m.xy, size, "xy")
         r = float(m.radius) if m.radius is not None else POINT_RADIUS * _scale(size)
-        if r <= 0:
+        if not r > 0:  # NaN too
             raise ValueError(f"point: radius must be > 0, got {m.radius}")
+        if r > max(size):
+            raise ValueError(f"point: radius {m.radius} is larger than the {size[0]}x{size[1]} image; at most "
+                             f"{max(size)} pixels")
         d.ellipse((x - r, y - r, x + r, y + r), fill=255)
     elif isinstance(m, Arrow):
         (tx, ty), (hx, hy) = _xy(m, m.tail, size, "tail"), _xy(m, m.head, size, "head")
@@ -384,7 +398,7 @@ def _coverage(m: _Marker, size) -> np.ndarray:
         # training: head size max(U(0.2, 0.5) x length, 6 px at 336 px); here 0.3 x length, and never much
         # narrower than the shaft
         hs = float(m.head_size) if m.head_size is not None else max(0.3 * length, 4 * lw, 6 * _scale(size))
-        if hs <= 0:
+        if not hs > 0:  # NaN too
             raise ValueError(f"arrow: head_size must be > 0, got {m.head_size}")
         hs = min(hs, length)
         ux, uy = (hx - tx) / length, (hy - ty) / length
@@ -513,6 +527,11 @@ def load_mask(src, size: tuple[int, int] | None = None) -> np.ndarray:
             a = a[..., :3].max(axis=-1)
     if a.ndim != 2:
         raise ValueError(f"A mask must be 2-D [H, W], got shape {a.shape}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"A mask must hold finite values (nonzero = inside), got {int((~np.isfinite(a)).sum())} "
+                         f"NaN or infinite value(s)")
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"A mask must hold numbers or booleans, got dtype {a.dtype}")
     a = a != 0
     if size is not None and a.shape != (size[1], size[0]):
         raise ValueError(f"Mask shape {a.shape} does not match the image's (height, width) {(size[1], size[0])}")
