@@ -58,7 +58,7 @@ def env(tmp_path_factory):
 def base_cfg(env, out, **kw):
     root, model, data = env
     d = dict(model=str(model), data=str(data), image_folder=str(root / "images"), output=str(out), stage="full",
-             max_steps=12, batch_size=4, lr=2e-2, warmup_ratio=0.1, max_length=256, mesh="auto", seed=0,
+             max_steps=12, batch_size=4, lr=2e-2, warmup_ratio=0.1, max_length=256, mesh="auto", devices=1, seed=0,
              progress=False, system_prompt="")
     d.update(kw)
     return TrainConfig(**d)
@@ -191,7 +191,7 @@ def _subprocess_env(**extra) -> dict:
 def mesh8_run(env):
     """The 30-step run on 8 CPU devices of one process, fsdp=4 x tensor=2."""
     out = env[0] / "mesh8"
-    cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2")
+    cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2", devices=None)
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, json.dumps(cfg.to_dict())], capture_output=True,
                        text=True, timeout=600,
                        env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
@@ -222,7 +222,7 @@ def test_two_processes_match_one_process_and_resume_in_one(env, full_run, mesh8_
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "two"
-    cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2")
+    cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2", devices=None)
     procs = [subprocess.Popen(
         [sys.executable, str(REPO / "train" / "train.py")] + _cli_args(cfg) +
         ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
@@ -243,7 +243,7 @@ def test_two_processes_match_one_process_and_resume_in_one(env, full_run, mesh8_
     stop = max(two)
     assert 12 <= stop < 30 and sorted(two) == list(range(1, stop + 1))
     _close(two, losses(mesh8_run), two)
-    summary = train(cfg.replace(mesh="auto"))  # one process, one device, the two processes' checkpoint
+    summary = train(cfg.replace(mesh="auto", devices=1))  # one process, one device, the two processes' checkpoint
     assert summary["steps"] == 30
     resumed = losses(out)
     assert sorted(resumed) == list(range(1, 31))

@@ -60,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default=S)
     p.add_argument("--scan-layers", type=_bool, nargs="?", const=True, default=S)
     p.add_argument("--mesh", default=S, help='device mesh, e.g. "fsdp=4,tensor=2" (default: auto)')
+    p.add_argument("--devices", type=int, default=S, help="use only the first N devices (one process)")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--save-every", type=int, default=S)
     p.add_argument("--keep", type=int, default=S, help="checkpoints to keep")

@@ -46,6 +46,7 @@ class TrainConfig:
     remat: str = "full"
     scan_layers: bool = True
     mesh: str = "auto"
+    devices: int | None = None  # use only the first N devices (one process); None: every device
     seed: int = 0
     save_every: int | None = None
     keep: int = 3
@@ -73,7 +74,7 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
-        for f in ("max_steps", "save_every", "eval_every"):
+        for f in ("max_steps", "save_every", "eval_every", "devices"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")

@@ -117,7 +117,7 @@ def make_eval_step(module, cfg: StepConfig = StepConfig()) -> Callable:
 def batch_shardings(batch_shapes: dict, mesh, rules=LOGICAL_AXIS_RULES) -> dict:
     """Rows and images split over the mesh's batch axes (data x fsdp); the leading axis A (micro-batches) is
     never split. ``batch_shapes`` are this process's; every process holds the same number of rows and
-    images, and the global counts must divide by the batch axes (see `host_image_multiple`)."""
+    images, and the global counts must divide by the batch axes (see `host_batch_multiple`)."""
     axes = rule_axes("batch", rules)
     row = axes[0] if len(axes) == 1 else tuple(axes) if axes else None
     n = batch_divisor(mesh, rules)
@@ -130,8 +130,8 @@ def batch_shardings(batch_shapes: dict, mesh, rules=LOGICAL_AXIS_RULES) -> dict:
     return out
 
 
-def host_image_multiple(mesh, rules=LOGICAL_AXIS_RULES) -> int:
-    """Each host pads its images to a multiple of this, so the global image count splits evenly."""
+def host_batch_multiple(mesh, rules=LOGICAL_AXIS_RULES) -> int:
+    """Each host pads its rows and images to a multiple of this, so the global counts split evenly."""
     n = batch_divisor(mesh, rules)
     if n % jax.process_count():
         raise ValueError(f"The mesh splits the batch {n} ways, which the {jax.process_count()} processes do not "

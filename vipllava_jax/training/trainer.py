@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -24,7 +23,8 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_pretrained, resolve_model_path
+from ..checkpoint import load_config, load_pretrained, resolve_model_path
+from ..hf_io import is_disk_full
 from ..processing import Processor
 from ..sharding import make_mesh, param_logical_axes, param_sharding_tree
 from . import data as data_lib
@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .export import export_hf
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .optim import lr_schedule, make_optimizer, split_params
-from .step import (StepConfig, batch_shardings, host_image_multiple, init_state, jit_eval_step, jit_train_step,
+from .step import (StepConfig, batch_shardings, host_batch_multiple, init_state, jit_eval_step, jit_train_step,
                    make_eval_step, make_train_step, put_batch, state_shardings, tree_logical_shardings)
 
 # Settings that change what a resumed run computes: resuming with any of them changed is refused.
@@ -86,19 +86,6 @@ def _line_step(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC anywhere in an exception's chain (orbax/tensorstore report it as RESOURCE_EXHAUSTED text)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 class Preemption:
@@ -157,19 +144,22 @@ def gather_json(obj) -> list:
     return [json.loads(bytes(got[i, :int(n)]).decode()) for i, n in enumerate(lens)]
 
 
-def stack_micro(batches: list[dict], image_multiple: int = 1) -> dict:
+def stack_micro(batches: list[dict], multiple: int = 1) -> dict:
     """A micro-batches -> one dict of [A, ...] arrays (the train step's input): length and image count padded
-    to the largest, the image count to a multiple of ``image_multiple`` (masked tokens with label -100, zero
-    images marked invalid)."""
+    to the largest, rows and images to a multiple of ``multiple`` (this host's share of the devices the batch
+    is split over). Padding rows are fully masked with labels -100 and padding images zero and marked
+    invalid, so they change no loss and no gradient."""
     t = max(b["input_ids"].shape[1] for b in batches)
+    rows = -(-max(b["input_ids"].shape[0] for b in batches) // multiple) * multiple
     n_img = max(b["pixel_values"].shape[0] for b in batches)
-    n_img = -(-n_img // image_multiple) * image_multiple
+    n_img = -(-n_img // multiple) * multiple
     out: dict[str, list] = {k: [] for k in data_lib.BATCH_KEYS}
     for b in batches:
         dt, di = t - b["input_ids"].shape[1], n_img - b["pixel_values"].shape[0]
-        out["input_ids"].append(np.pad(b["input_ids"], ((0, 0), (0, dt))))
-        out["attention_mask"].append(np.pad(b["attention_mask"], ((0, 0), (0, dt))))
-        out["labels"].append(np.pad(b["labels"], ((0, 0), (0, dt)), constant_values=data_lib.IGNORE_INDEX))
+        dr = rows - b["input_ids"].shape[0]
+        out["input_ids"].append(np.pad(b["input_ids"], ((0, dr), (0, dt))))
+        out["attention_mask"].append(np.pad(b["attention_mask"], ((0, dr), (0, dt))))
+        out["labels"].append(np.pad(b["labels"], ((0, dr), (0, dt)), constant_values=data_lib.IGNORE_INDEX))
         out["pixel_values"].append(np.pad(b["pixel_values"], ((0, di),) + ((0, 0),) * 3))
         out["image_valid"].append(np.pad(b["image_valid"], (0, di)))
     return {k: np.stack(v) for k, v in out.items()}
@@ -192,12 +182,17 @@ class Setup:
     abstract_state: object
     tx: object
     step_cfg: StepConfig
-    image_multiple: int
+    batch_multiple: int
 
 
 def setup(cfg: TrainConfig) -> Setup:
     model_dir = resolve_model_path(cfg.model)
-    mesh = make_mesh(cfg.mesh)
+    devices = None
+    if cfg.devices is not None:
+        if jax.process_count() > 1 or cfg.devices > jax.device_count():
+            raise TrainError(f"devices={cfg.devices}: give at most the {jax.device_count()} devices of one process")
+        devices = jax.devices()[:cfg.devices]
+    mesh = make_mesh(cfg.mesh, load_config(model_dir), devices=devices)
     module, params = load_pretrained(model_dir, jnp.float32, mesh=mesh, scan_layers=cfg.scan_layers,
                                      remat_policy=cfg.remat, progress=cfg.progress and jax.process_index() == 0)
     if cfg.dtype == "bfloat16":  # fp32 master parameters, bf16 compute
@@ -230,7 +225,7 @@ def setup(cfg: TrainConfig) -> Setup:
     return Setup(module=module, model_dir=model_dir, mesh=mesh, processor=processor, data_cfg=data_cfg,
                  records=records, steps=steps, frozen=frozen, frozen_sh=frozen_sh, init_state=fresh,
                  state_sh=state_sh,
-                 abstract_state=abstract, tx=tx, image_multiple=host_image_multiple(mesh),
+                 abstract_state=abstract, tx=tx, batch_multiple=host_batch_multiple(mesh),
                  step_cfg=StepConfig(lora=lora_cfg, skip_nonfinite=cfg.skip_nonfinite))
 
 
@@ -271,7 +266,7 @@ def evaluate(cfg: TrainConfig, s: Setup, steps: CompiledSteps, state, records) -
     total, count = 0.0, 0
     with it:
         for b in it:
-            out = steps.eval(state, stack_micro([b], s.image_multiple))
+            out = steps.eval(state, stack_micro([b], s.batch_multiple))
             total += float(out["nll_sum"])
             count += int(out["num_tokens"])
     return total / max(count, 1)
@@ -347,7 +342,7 @@ def train(cfg: TrainConfig) -> dict:
     asyncio_log.setLevel(logging.CRITICAL)
     try:
         while step < s.steps:
-            batch = stack_micro([next(it) for _ in range(cfg.grad_accum)], s.image_multiple)
+            batch = stack_micro([next(it) for _ in range(cfg.grad_accum)], s.batch_multiple)
             state, m = steps.train(state, batch)
             step += 1
             if pending is not None:
