@@ -91,7 +91,7 @@ def host_peak_gib() -> float:
 
 def hf_config_dict(args) -> dict:
     """The preset as an HF config dict, with the --image-size / --text-layers / --vision-layers overrides."""
-    from vipllava_jax.plan import PRESETS
+    from vipllava_jax.models.presets import PRESETS
     d = PRESETS[args.config].to_hf()
     v, t = d["vision_config"], d["text_config"]
     if args.image_size is not None:
@@ -141,12 +141,13 @@ def make_inputs(cfg, batch: int, prompt_tokens: int, rng):
 
 def bench_jax(module, params, cfg, args, batches, rng, emit):
     import jax
-    from vipllava_jax import generation
+    from vipllava_jax.generation import generate
+    from vipllava_jax.generation.loop import _compiled
     n = args.new_tokens
 
     def run(b, new):
         ids, pix, mask = inputs[b]
-        out = generation.generate(module, params, ids, pix, mask, max_new_tokens=new, eos_token_id=[])
+        out = generate(module, params, ids, pix, mask, max_new_tokens=new, eos_token_id=[])
         assert out.shape == (b, new), out.shape  # numpy: the result is on the host, so the work is done
         return out
 
@@ -160,7 +161,7 @@ def bench_jax(module, params, cfg, args, batches, rng, emit):
     emit("jax", "compile_s", b0, first - warm, "s")
     # the persistent compilation cache: drop every in-memory compiled function and time the first call again
     jax.clear_caches()
-    generation._compiled.cache_clear()
+    _compiled.cache_clear()
     t0 = time.perf_counter()
     run(b0, n)
     emit("jax", "cached_compile_s", b0, time.perf_counter() - t0 - warm, "s")
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
         print(f"# random {args.config} checkpoint ({sum(p.numel() for p in model.parameters()) / 1e9:.3g}B "
               f"params, {dtype}, torch attention: {attn}) in {time.perf_counter() - t0:.1f}s: {ckpt}",
               file=sys.stderr, flush=True)
-        from vipllava_jax.checkpoint import load_config
+        from vipllava_jax.checkpoints import load_config
         cfg = load_config(ckpt)
         if not args.skip_torch:
             bench_torch(model, cfg, args, batches, np.random.default_rng(args.seed), emit, device)

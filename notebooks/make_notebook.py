@@ -52,7 +52,7 @@ md("## 4. Load the model and its processor")
 code("""
 import tempfile
 from vipllava_jax import load_pretrained
-from vipllava_jax.checkpoint import resolve_model_path
+from vipllava_jax.checkpoints import resolve_model_path
 from vipllava_jax.processing import DEFAULT_SYSTEM_PROMPT, Processor
 
 model_dir, tiny = None, False
@@ -62,8 +62,7 @@ if not TINY:
     except Exception as e:  # no network, no such directory...
         print(f"Could not get {MODEL}: {e}\\nUsing a tiny random model instead.")
 if model_dir is None:
-    from vipllava_jax.testing import make_tiny_checkpoint
-    from vipllava_jax.tiny_tokenizer import make_tiny_processor
+    from vipllava_jax.testing import make_tiny_checkpoint, make_tiny_processor
     model_dir = tempfile.mkdtemp(prefix="tiny-vipllava-")
     make_tiny_checkpoint(model_dir)
     make_tiny_processor(model_dir, image_seq_length=25, image_size=30)

@@ -152,7 +152,9 @@ def test_persistent_compilation_cache_on_by_default(ckpt, tmp_path):
     import sys
 
     hf, _, img = ckpt
-    env = {**os.environ, "VIPLLAVA_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    # Every program is cached (a fast machine compiles the tiny decode loop in under the default 0.5 s floor).
+    env = {**os.environ, "VIPLLAVA_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     cmd = [sys.executable, "-m", "vipllava_jax.cli", "generate", "--model", str(hf), "--image", str(img),
            "--prompt", QUESTION, "--max-new-tokens", "4", "--system", "", "--no-stream"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ from vipllava_jax.convert import canonical_key
 from vipllava_jax.hf_io import CheckpointError
 from vipllava_jax.testing import make_tiny_checkpoint
 
-from test_parity import RTOL, make_inputs, rel_err, torch_logits
+from vipllava_jax.testing.parity import RTOL, make_inputs, rel_err, torch_logits
 
 
 @pytest.fixture(scope="module")

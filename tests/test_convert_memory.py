@@ -12,8 +12,7 @@ SCRIPT = textwrap.dedent(r'''
     import numpy as np
     from vipllava_jax import VipLlavaConfig, VipLlavaForConditionalGeneration
     from vipllava_jax.convert import INVERSE, abstract_params, flat_paths, export_key, hf_key_for, load_hf_params
-    from vipllava_jax.llama import LlamaConfig
-    from vipllava_jax.vision import CLIPVisionConfig
+    from vipllava_jax import CLIPVisionConfig, LlamaConfig
 
     mode, d = sys.argv[1], sys.argv[2]
     cfg = VipLlavaConfig(

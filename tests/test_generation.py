@@ -8,14 +8,15 @@ import jax.numpy as jnp
 
 import vipllava_jax
 from vipllava_jax import load_pretrained
-from vipllava_jax.generation import (SamplingConfig, StopStrings, _compiled, apply_repetition_penalty,
+from vipllava_jax.generation import (SamplingConfig, StopStrings, apply_repetition_penalty,
                                      apply_temperature, apply_top_k, apply_top_p, bucket_length, generate,
                                      generate_stream, generate_stream_tokens, select_tokens, stop_strings_for)
 from vipllava_jax.processing import Processor, build_prompt
 from vipllava_jax.testing import TINY_PAD_TOKEN, make_tiny_checkpoint
 from vipllava_jax.tiny_tokenizer import make_tiny_processor
 
-from test_parity import make_inputs
+from vipllava_jax.generation.loop import _compiled
+from vipllava_jax.testing.parity import make_inputs
 
 N = 10
 
@@ -279,3 +280,17 @@ def test_bad_inputs(tiny):
         generate(module, params, long_ids, None, None, max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask shape"):
         generate(module, params, ids, pixels, mask[:, 1:], max_new_tokens=2)
+
+
+def test_one_generation_config_for_generate_and_the_streams():
+    """GenerationConfig's fields are generate's keyword arguments (names and defaults), so the CLI and the
+    stream forms pass one config; the stream forms take the same keywords."""
+    import dataclasses
+    import inspect
+    from vipllava_jax.generation import GenerationConfig
+    sig = inspect.signature(generate).parameters
+    for f in dataclasses.fields(GenerationConfig):
+        assert f.name in sig and sig[f.name].default == f.default, f.name
+    assert set(GenerationConfig().kwargs()) == {f.name for f in dataclasses.fields(GenerationConfig)}
+    with pytest.raises(TypeError):
+        next(generate_stream_tokens(None, None, np.zeros((1, 4), np.int32), no_such_setting=1))

@@ -15,6 +15,7 @@ import pytest
 from vipllava_jax import load_pretrained, save_orbax
 from vipllava_jax.generation import generate
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
+from vipllava_jax.testing.parity import rel_err
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 MESHES = ("data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2")
@@ -36,11 +37,6 @@ def inputs(rng, b=4, n_img=25):
     mask[1, :3] = 0
     ids[1, :3] = 101
     return ids, rng.standard_normal((b, 3, 30, 30)).astype(np.float32), mask
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def test_two_processes_match_single_process(tmp_path):

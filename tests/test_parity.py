@@ -8,38 +8,9 @@ import pytest
 import torch
 
 from vipllava_jax import load_pretrained
-from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
-
-RTOL = 1e-5  # relative to the largest magnitude of the reference
-
-
-def rel_err(ours, ref, mask=None):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    if mask is not None:
-        ours, ref = ours[mask], ref[mask]
-    return np.abs(ours - ref).max() / np.abs(ref).max()
-
-
-def make_inputs(rng, n_img=25, n_pad=7):
-    """Batch of 2: row 0 holds two images, row 1 one image and n_pad left-pad tokens."""
-    t = 2 * n_img + 12
-    ids = rng.integers(3, 99, (2, t))
-    ids[0, 2:2 + n_img] = TINY_IMAGE_TOKEN
-    ids[0, 6 + n_img:6 + 2 * n_img] = TINY_IMAGE_TOKEN
-    ids[1, 20:20 + n_img] = TINY_IMAGE_TOKEN
-    mask = np.ones_like(ids)
-    mask[1, :n_pad] = 0
-    ids[1, :n_pad] = 101
-    pixels = rng.standard_normal((3, 3, 30, 30)).astype(np.float32)
-    return ids, pixels, mask
-
-
-def torch_logits(tm, ids, pixels, mask):
-    """fp32 numpy logits of the PyTorch model, the pixels cast to the model's dtype."""
-    with torch.no_grad():
-        pv = torch.tensor(pixels).to(next(tm.parameters()).dtype)
-        return tm(input_ids=torch.tensor(ids), pixel_values=pv,
-                  attention_mask=torch.tensor(mask)).logits.float().numpy()
+from vipllava_jax.models import Runtime, VipLlavaForConditionalGeneration
+from vipllava_jax.testing import make_tiny_checkpoint
+from vipllava_jax.testing.parity import RTOL, make_inputs, rel_err, torch_logits  # noqa: F401 (rel_err: test_train_*)
 
 
 VARIANTS = {
@@ -110,20 +81,15 @@ def test_attention_through_jax_dot_product_attention(gqa_ckpt):
     """attn_impl="jax" makes the jax.nn.dot_product_attention call that the cuDNN path makes (same
     layout, [B, 1, T, S] mask, GQA), letting JAX pick a kernel that runs on CPU. Left-pad rows are
     fully masked there, so this also checks they stay finite and do not leak into real rows."""
-    import dataclasses
-
-    from vipllava_jax.vipllava import VipLlavaForConditionalGeneration
-
     d, tm = gqa_ckpt
     module, params = load_pretrained(d, progress=False)
     cfg = module.config
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, attn_impl="jax"))
     ids, pixels, mask = make_inputs(np.random.default_rng(5))
-    out = VipLlavaForConditionalGeneration(cfg).apply({"params": params}, ids, pixels, mask).logits
+    out = VipLlavaForConditionalGeneration(cfg, Runtime(attn_impl="jax")).apply({"params": params}, ids, pixels, mask).logits
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, torch_logits(tm, ids, pixels, mask), mask.astype(bool)) < RTOL
     with pytest.raises(ValueError, match="attn_impl='flash'"):
-        dataclasses.replace(cfg.text, attn_impl="flash")
+        Runtime(attn_impl="flash")
 
 
 def test_bfloat16_error_is_torch_bfloat16_error(gqa_ckpt):

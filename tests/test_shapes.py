@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig as HFConfig, VipLlavaForConditionalGeneration
 
-from vipllava_jax import VipLlavaConfig, VipLlavaForConditionalGeneration as Ours
+from vipllava_jax import Runtime, VipLlavaConfig, VipLlavaForConditionalGeneration as Ours
 from vipllava_jax.convert import abstract_params, flat_paths
 
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -32,10 +32,10 @@ def test_param_count_equals_torch(size, scan):
     with torch.device("meta"):
         tm = VipLlavaForConditionalGeneration(hf)
     torch_count = sum(p.numel() for p in tm.parameters())
-    cfg = VipLlavaConfig.from_hf(hf.to_dict(), scan_layers=scan)
+    cfg = VipLlavaConfig.from_hf(hf.to_dict())
     assert cfg.image_seq_length == 576 and cfg.vision.num_patches == 576
     assert cfg.vision_feature_layers == (-2, -5, -8, -11, 6)
-    flat = flat_paths(abstract_params(Ours(cfg)))
+    flat = flat_paths(abstract_params(Ours(cfg, Runtime(scan_layers=scan))))
     ours = sum(math.prod(v.value.shape) for v in flat.values())
     assert ours == torch_count
     emb = flat["language_model/embed_tokens/embedding"].value

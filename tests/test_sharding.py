@@ -45,23 +45,19 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from vipllava_jax import load_pretrained, save_orbax  # noqa: E402
 from vipllava_jax.convert import flat_paths  # noqa: E402
-from vipllava_jax.llama import KVCache  # noqa: E402
+from vipllava_jax.models import KVCache  # noqa: E402
 from vipllava_jax.plan import PRESETS, plan_memory  # noqa: E402
 from vipllava_jax.sharding import (cache_shardings, logical_spec, make_mesh, param_logical_axes,  # noqa: E402
                                    parse_mesh_spec, sharded_forward, sharded_generate)
 from vipllava_jax.generation import generate  # noqa: E402
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint  # noqa: E402
+from vipllava_jax.testing.parity import rel_err  # noqa: E402
 
 needs_devices = pytest.mark.skipif(not HAVE_DEVICES, reason=f"JAX started with {jax.device_count()} device(s) "
                                    f"before this file could ask for {N_DEV}: see test_sharding_suite_in_fresh_process")
 
 RTOL = 1e-5
 MESHES = ["1 device", "data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def make_batch(rng, b=8, n_img=25):
@@ -292,7 +288,7 @@ def test_orbax_saved_on_one_mesh_restores_onto_another(loaded, reference, tmp_pa
     for spec, scan in (("data=2,fsdp=2,tensor=2", False), ("fsdp=8", True)):
         mesh_b = make_mesh(spec, module.config)
         m_b, params_b = load_pretrained(out, mesh=mesh_b, scan_layers=scan)
-        axes = param_logical_axes(m_b.config)
+        axes = param_logical_axes(m_b.config, scan_layers=m_b.runtime.scan_layers)
         for path, x in flat_paths(params_b).items():
             assert x.sharding.mesh == mesh_b and x.sharding.spec == logical_spec(axes[path]), path
         if not scan:
@@ -310,7 +306,7 @@ def test_scanned_layers_load_sharded_from_safetensors(tiny, reference):
     k = params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert k.shape == (2, 32, 64) and k.sharding.spec == P(None, "fsdp", "tensor")
     assert k.addressable_shards[0].data.shape == (2, 16, 32)
-    axes = param_logical_axes(module.config)
+    axes = param_logical_axes(module.config, scan_layers=module.runtime.scan_layers)
     for path, x in flat_paths(params).items():
         assert x.sharding.spec == logical_spec(axes[path]), path
     assert rel_err(sharded_forward(module, params, ids, pixels, mask, mesh=mesh, gather=True), ref) < RTOL

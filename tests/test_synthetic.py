@@ -224,3 +224,24 @@ def test_records_load_and_encode(tmp_path, tiny_processor, pre_marked):
 def test_fix_marker_kind(tmp_path):
     recs = json.loads(syn.write_dataset(tmp_path, 4, seed=0, pre_marked=False, fix_marker_kind=True).read_text())
     assert all(r["marker_kinds"] == [r["metadata"]["marker_kind"]] for r in recs)
+
+
+def test_above_below_is_an_extra_type():
+    """above_below (the fine-tuning notebook's new task) is asked only when named, and is right: the target lies
+    on the answer's side of the uniquely described reference, and another shape lies on the other side."""
+    assert "above_below" not in syn.QUESTION_TYPES and "above_below" in syn.ALL_QUESTION_TYPES
+    assert {syn.make_scene(i).question_type for i in range(60)} <= set(syn.QUESTION_TYPES)
+    assert "above" not in syn.answer_vocabulary() and syn.answer_vocabulary("above_below") == ["above", "below"]
+    answers = collections.Counter()
+    for i in range(40):
+        s = syn.make_scene((5, i), question_type="above_below")
+        t, ref = s.target_shape, s.shapes[s.reference]
+        assert s.reference != s.target and ref.description in s.question and "above or below" in s.question
+        assert [x.description for x in s.shapes].count(ref.description) == 1
+        assert (t.cy < ref.cy) == (s.answer == "above")
+        others = [x for i, x in enumerate(s.shapes) if i not in (s.target, s.reference)]
+        assert any((x.cy > ref.cy) == (s.answer == "above") for x in others)
+        answers[s.answer] += 1
+    assert set(answers) == {"above", "below"}
+    with pytest.raises(ValueError, match="above_below"):
+        syn.make_scene(0, question_type="up_down")

@@ -1,12 +1,22 @@
-"""VipLlava (ViP-LLaVA) in JAX/Flax."""
+"""VipLlava (ViP-LLaVA) in JAX/Flax.
+
+Sub-packages, each importing only the ones before it: `models` (configs, `Runtime`, modules, presets, the
+parameter tree) and `data` (images, prompts, processor, visual prompts: imports nothing else) -> `parallel`
+(meshes, shardings, planner, multi-host) -> `checkpoints` (HF and orbax) -> `generation` | `training` ->
+`testing` -> `cli`.
+"""
 __version__ = "0.1.0"
 
-from .vision import CLIPVisionConfig, CLIPVisionTransformer
-from .llama import KVCache, LlamaConfig, LlamaModel
-from .projector import VipLlavaMultiModalProjector
-from .vipllava import VipLlavaConfig, VipLlavaForConditionalGeneration, VipLlavaOutput
-from .checkpoint import load_pretrained, save_orbax, restore_orbax, load_config
-from .convert import load_hf_params, save_hf
-from .sharding import make_mesh, sharded_forward, sharded_generate
-from .plan import PRESETS, plan_memory
-from .generation import StopStrings, generate, generate_stream, generate_stream_tokens, stop_strings_for
+from .models import (CLIPVisionConfig, CLIPVisionTransformer, KVCache, LlamaConfig, LlamaModel, Runtime,
+                     VipLlavaConfig, VipLlavaForConditionalGeneration, VipLlavaMultiModalProjector, VipLlavaOutput)
+from .models.presets import PRESETS
+from .parallel import make_mesh, plan_memory, sharded_forward
+from .checkpoints import load_config, load_hf_params, load_pretrained, restore_orbax, save_hf, save_orbax
+from .generation import (GenerationConfig, StopStrings, generate, generate_stream, generate_stream_tokens,
+                         sharded_generate, stop_strings_for)
+
+__all__ = ["CLIPVisionConfig", "CLIPVisionTransformer", "KVCache", "LlamaConfig", "LlamaModel", "Runtime",
+           "VipLlavaConfig", "VipLlavaForConditionalGeneration", "VipLlavaMultiModalProjector", "VipLlavaOutput",
+           "PRESETS", "make_mesh", "plan_memory", "sharded_forward", "load_config", "load_hf_params", "load_pretrained",
+           "restore_orbax", "save_hf", "save_orbax", "GenerationConfig", "StopStrings", "generate", "generate_stream",
+           "generate_stream_tokens", "sharded_generate", "stop_strings_for"]

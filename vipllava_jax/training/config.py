@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..processing import DEFAULT_SYSTEM_PROMPT
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT
 from .lora import LORA_TARGETS
 from .optim import STAGES
 

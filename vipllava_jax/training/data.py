@@ -71,8 +71,10 @@ import grain
 import numpy as np
 from absl import flags as absl_flags
 
-from .. import visual_prompts as vp
-from ..processing import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, ImageConfig, build_prompt, load_image, preprocess_image
+from ..data import visual_prompts as vp
+from ..data.clip import ImageConfig, preprocess_image
+from ..data.images import load_image
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, build_prompt
 from .markers import MarkerError, MarkerStyle, Region, make_markers, sample_styles
 
 __all__ = [

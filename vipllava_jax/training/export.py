@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ..convert import save_hf
+from ..checkpoints.convert import save_hf
 from .lora import LoraConfig
 from .step import TrainState, compute_params
 

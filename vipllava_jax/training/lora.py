@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import flax
 
-from ..convert import flat_paths
+from ..models.params import flat_paths
 
 # HF PEFT names; ViP-LLaVA's LoRA recipe adapts every Llama linear (not lm_head, projector or tower).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

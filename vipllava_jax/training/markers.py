@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .. import visual_prompts as vp
+from ..data import visual_prompts as vp
 
 __all__ = ["Region", "MarkerStyle", "MarkerError", "sample_styles", "make_markers", "polygon_mask", "ANCHOR"]
 

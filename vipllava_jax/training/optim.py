@@ -10,7 +10,7 @@ import math
 import flax
 import optax
 
-from ..convert import flat_paths
+from ..models.params import flat_paths
 
 # stage -> top-level parameter groups it trains (LoRA adapters come on top for "lora").
 # ViP-LLaVA: stage 1 trains the projector; stages 2 and 3 the projector and the language model; the vision

@@ -18,8 +18,10 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..sharding_rules import LOGICAL_AXIS_RULES
-from ..sharding import batch_divisor, jit_sharded, logical_to_sharding, rule_axes
+from ..parallel.jit import jit_sharded
+from ..parallel.mesh import batch_divisor
+from ..parallel.rules import LOGICAL_AXIS_RULES, rule_axes
+from ..parallel.shardings import logical_to_sharding
 from .lora import LoraConfig, apply_lora
 from .loss import loss_fn, num_supervised
 from .optim import merge_params

@@ -23,10 +23,11 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_config, load_pretrained, resolve_model_path
-from ..hf_io import is_disk_full
-from ..processing import Processor
-from ..sharding import make_mesh, param_logical_axes, param_sharding_tree
+from ..checkpoints.hf_io import is_disk_full
+from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
+from ..data.processor import Processor
+from ..parallel.mesh import make_mesh
+from ..parallel.shardings import param_logical_axes, param_shardings
 from . import data as data_lib
 from .checkpointing import RunCheckpoints, abstract_like
 from .config import TrainConfig
@@ -206,13 +207,13 @@ def setup(cfg: TrainConfig) -> Setup:
                          f"{jax.process_count()} processes")
 
     trainable_params, frozen = split_params(params, cfg.stage)
-    psh = param_sharding_tree(module.config, mesh)
+    psh = param_shardings(module.config, mesh, scan_layers=module.runtime.scan_layers)
     train_psh, frozen_sh = split_params(psh, cfg.stage)
     lora_cfg = None
     trainable, trainable_sh = {"params": trainable_params, "lora": {}}, {"params": train_psh, "lora": {}}
     if cfg.stage == "lora":
         lora_cfg = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        axes = param_logical_axes(module.config)
+        axes = param_logical_axes(module.config, scan_layers=module.runtime.scan_layers)
         shapes = jax.eval_shape(lambda k: init_lora(frozen, lora_cfg, k), jax.random.key(0))
         lora_sh = tree_logical_shardings(lora_logical_axes(axes, shapes), mesh)
         lora = jax.jit(lambda k: init_lora(frozen, lora_cfg, k), out_shardings=lora_sh)(jax.random.key(cfg.seed))

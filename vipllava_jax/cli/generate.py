@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
-from pathlib import Path
+import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from .distributed import add_distributed_args, initialize_from_args, is_main_process
+from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
+from ..data import visual_prompts as vp
+from ..data.images import load_image
+from ..data.processor import Processor
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from ..generation.api import generate, generate_stream
+from ..generation.config import GenerationConfig
+from ..generation.inputs import max_new_tokens_limit
+from ..generation.stop_strings import stop_strings_for
+from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
+from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
 
-DTYPES = ("auto", "bfloat16", "float32")
 DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_CACHE_DIR = Path(os.environ.get("VIPLLAVA_JAX_CACHE", "~/.cache/vipllava_jax")).expanduser() / "xla"
 
 
 def _floats(n: int | None, name: str):
@@ -99,17 +108,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def enable_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache: a second run loads compiled programs instead of compiling."""
-    if not path:
-        return
-    import jax
-    Path(path).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def markers_from_args(args: argparse.Namespace) -> list:
     specs = ([("rectangle", b) for b in args.box] + [("ellipse", b) for b in args.ellipse]
              + [("triangle", b) for b in args.triangle] + [("point", b) for b in args.point]
@@ -117,7 +115,6 @@ def markers_from_args(args: argparse.Namespace) -> list:
              + [("mask", m) for m in args.mask] + [("mask_contour", m) for m in args.mask_contour])
     if not specs:
         return []
-    from . import visual_prompts as vp
     colors = args.color or ["red"]
     if len(colors) not in (1, len(specs)) and specs:
         raise ValueError(f"--color given {len(colors)} times for {len(specs)} markers: give one colour for all "
@@ -153,8 +150,6 @@ def markers_from_args(args: argparse.Namespace) -> list:
 def _draw(image, markers, args):
     """Draw on the original image (before resize/crop). With --pad-to-square the result is padded here, so
     --save-marked shows the square image the model sees; otherwise a marker outside the centre crop is reported."""
-    import warnings
-    from . import visual_prompts as vp
     built = []
     for m in markers:
         if isinstance(m, tuple):
@@ -173,12 +168,6 @@ def _draw(image, markers, args):
 def run(args: argparse.Namespace) -> int:
     initialize_from_args(args)
     enable_compilation_cache(args.compilation_cache)
-    import jax
-    import jax.numpy as jnp
-    from .checkpoint import load_pretrained, resolve_model_path
-    from .distributed import mesh_from_args
-    from .generation import generate, generate_stream, max_new_tokens_limit, stop_strings_for
-    from .processing import DEFAULT_SYSTEM_PROMPT, Processor, build_prompt, load_image
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -204,20 +193,16 @@ def run(args: argparse.Namespace) -> int:
     phrase = None
     if markers:
         images[0], built = _draw(images[0], markers, args)
-        from .visual_prompts import marker_phrase
-        phrase = marker_phrase(built[0])
+        phrase = vp.marker_phrase(built[0])
         if args.save_marked and is_main_process():
             images[0].save(args.save_marked)
             print(f"[marked image saved to {args.save_marked}]", file=sys.stderr)
     elif args.save_marked:
         raise ValueError("--save-marked needs at least one marker (--box, --ellipse, --point, --arrow, ...)")
 
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = auto_dtype(args.dtype)
     mesh = None
     if jax.device_count() > 1 or args.mesh not in (None, "", "auto"):
-        from .checkpoint import load_config
         mesh = mesh_from_args(args, load_config(model_dir))
     t0 = time.perf_counter()
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process())
@@ -226,11 +211,9 @@ def run(args: argparse.Namespace) -> int:
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)
     system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
     stop = tuple(args.stop) if args.stop else (("###",) if args.prompt_style == "llava_v0" else ("</s>",))
-    gen_kw = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  seed=args.seed, repetition_penalty=args.repetition_penalty, pad_token_id=proc.pad_token_id)
-    eos = proc.eos_token_id
-    if eos is not None:
-        gen_kw["eos_token_id"] = eos
+    gen = GenerationConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, repetition_penalty=args.repetition_penalty, pad_token_id=proc.pad_token_id,
+                           eos_token_id=proc.eos_token_id)
 
     def question(q: str) -> str:
         if "<bbox" in q and not phrase:
@@ -250,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
                  for q in args.prompt]
         enc = proc(texts, [images] * len(texts) if images else None)
         tables = stop_strings_for(proc.tokenizer, stop, module.config.text.vocab_size)
-        toks = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
-                        max_new_tokens=new_tokens(enc), stop_strings=tables, mesh=mesh, **gen_kw)
+        toks = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"], mesh=mesh,
+                        **gen.replace(max_new_tokens=new_tokens(enc), stop_strings=tables).kwargs())
         if is_main_process():
             for q, row in zip(args.prompt, toks):
                 text = proc.decode(row.tolist())
@@ -272,8 +255,8 @@ def run(args: argparse.Namespace) -> int:
         enc = proc([text], [images] if images else None)
         answer = []
         stream = generate_stream(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
-                                 tokenizer=proc.tokenizer, max_new_tokens=new_tokens(enc), stop=stop,
-                                 chunk_size=10**9 if args.no_stream else 8, mesh=mesh, **gen_kw)
+                                 tokenizer=proc.tokenizer, stop=stop, chunk_size=10**9 if args.no_stream else 8,
+                                 mesh=mesh, **gen.replace(max_new_tokens=new_tokens(enc)).kwargs())
         for i, piece in enumerate(stream):
             if i == 0:
                 piece = piece.lstrip()

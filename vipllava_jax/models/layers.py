@@ -33,28 +33,6 @@ def check_activation(name: str, field: str) -> str:
     return name
 
 
-def check_field_types(d: dict, section: str, *, positive: tuple[str, ...] = (), ints: tuple[str, ...] = (),
-                      floats: tuple[str, ...] = (), bools: tuple[str, ...] = ()) -> None:
-    """Types of a config.json section's fields (those present): positive integers, integers (or null), numbers,
-    booleans. JSON strings such as "4096" are refused, naming the field, rather than failing deep inside."""
-    def bad(f, want):
-        raise ValueError(f"{section}{f}={d[f]!r} must be {want}")
-    for f in positive:
-        if f in d and (not isinstance(d[f], int) or isinstance(d[f], bool) or d[f] < 1):
-            bad(f, "a positive integer")
-    for f in ints:
-        v = d.get(f)
-        vs = v if isinstance(v, (list, tuple)) else (v,)
-        if f in d and not all(x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in vs):
-            bad(f, "an integer (or null)")
-    for f in floats:
-        if f in d and (not isinstance(d[f], (int, float)) or isinstance(d[f], bool)):
-            bad(f, "a number")
-    for f in bools:
-        if f in d and not isinstance(d[f], bool):
-            bad(f, "true or false")
-
-
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

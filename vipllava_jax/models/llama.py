@@ -9,7 +9,6 @@ the same slot, and each row's RoPE position comes from its own `positions`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -18,121 +17,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import (ACTIVATIONS, REMAT_POLICIES, RMSNorm, attention, check_activation, check_attn_impl,
-                     check_field_types, check_remat,
-                     dense, logical)
+from .config import LlamaConfig, Runtime, check_runtime
+from .layers import ACTIVATIONS, REMAT_POLICIES, RMSNorm, attention, dense, logical
 
 Array = jax.Array
-
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float | None = None  # llama3
-    high_freq_factor: float | None = None  # llama3
-    original_max_position_embeddings: int | None = None  # llama3
-
-    def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"Unsupported rope type {self.rope_type!r}; supported: {list(ROPE_TYPES)}")
-        if self.rope_type == "llama3" and None in (self.low_freq_factor, self.high_freq_factor,
-                                                   self.original_max_position_embeddings):
-            raise ValueError("rope type 'llama3' needs factor, low_freq_factor, high_freq_factor and "
-                             "original_max_position_embeddings")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int = 32064
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    head_dim: int | None = None
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling = RopeScaling()
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | tuple[int, ...] | None = 2
-    pad_token_id: int | None = None
-    # Not HF fields: how the JAX module is laid out and run.
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    attn_impl: str = "auto"
-
-    def __post_init__(self):
-        check_activation(self.hidden_act, "text_config.hidden_act")
-        check_remat(self.remat_policy)
-        check_attn_impl(self.attn_impl)
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"text_config.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-
-    _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "attention_bias",
-                  "mlp_bias", "hidden_act", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-
-    @classmethod
-    def from_hf(cls, d: dict, **overrides) -> "LlamaConfig":
-        mt = d.get("model_type", "llama")
-        if mt != "llama":
-            raise ValueError(f"text_config has model_type {mt!r}; only Llama decoders ('llama') are supported")
-        check_field_types(d, "text_config.", positive=(
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings"), ints=("num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id",
-                                              "pad_token_id"),
-            floats=("rms_norm_eps", "rope_theta"), bools=("attention_bias", "mlp_bias"))
-        for f in ("num_key_value_heads", "head_dim"):
-            if d.get(f) is not None and d[f] < 1:
-                raise ValueError(f"text_config.{f}={d[f]!r} must be a positive integer")
-        kw = {f: d[f] for f in cls._HF_FIELDS if f in d}
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = tuple(kw["eos_token_id"])
-        if "num_key_value_heads" not in kw or kw["num_key_value_heads"] is None:
-            kw["num_key_value_heads"] = d.get("num_attention_heads", cls.num_attention_heads)
-        # transformers 5 writes `rope_parameters`; 4.x writes `rope_theta` + `rope_scaling`.
-        rp = dict(d.get("rope_parameters") or {})
-        rs = dict(d.get("rope_scaling") or {})
-        theta = rp.pop("rope_theta", d.get("rope_theta", cls.rope_theta))
-        spec = rp or rs
-        rope_type = spec.pop("rope_type", spec.pop("type", "default"))
-        if float(spec.pop("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported")
-        known = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-        if rope_type != "default":
-            unknown = set(spec) - known
-            if unknown:
-                raise ValueError(f"Unsupported rope_scaling fields {sorted(unknown)} for rope type {rope_type!r}")
-        kw["rope_theta"] = float(theta)
-        kw["rope_scaling"] = RopeScaling(rope_type=rope_type, **{k: v for k, v in spec.items() if k in known}) \
-            if rope_type != "default" else RopeScaling()
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf(self) -> dict:
-        out = {f: getattr(self, f) for f in self._HF_FIELDS}
-        if isinstance(out["eos_token_id"], tuple):
-            out["eos_token_id"] = list(out["eos_token_id"])
-        rs = self.rope_scaling
-        out["rope_theta"] = self.rope_theta
-        if rs.rope_type == "default":
-            out["rope_scaling"] = None
-        else:
-            out["rope_scaling"] = {k: v for k, v in dataclasses.asdict(rs).items() if v is not None}
-        out["model_type"] = "llama"
-        return out
-
 
 def rope_inv_freq(cfg: LlamaConfig, seq_len: Array | None = None) -> Array:
     """[H/2] inverse frequencies, as transformers' ROPE_INIT_FUNCTIONS compute them (fp32)."""
@@ -189,9 +77,11 @@ class KVCache:
     index: Array
 
     @classmethod
-    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+             scan_layers: bool = False) -> "KVCache":
+        """Zeros for ``batch`` rows of ``max_len`` slots; stacked when the layers are (``Runtime.scan_layers``)."""
         shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.scan_layers:
+        if scan_layers:
             k = jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
             v = jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
         else:
@@ -213,6 +103,7 @@ class DecoderOutput:
 
 class LlamaAttention(nn.Module):
     config: LlamaConfig
+    runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -235,7 +126,7 @@ class LlamaAttention(nn.Module):
             ck = nn.with_logical_constraint(ck, ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"))
             cv = nn.with_logical_constraint(cv, ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"))
             k, v, layer_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
-        o = attention(q, k, v, mask, h**-0.5, c.attn_impl).reshape(b, t, n * h)
+        o = attention(q, k, v, mask, h**-0.5, self.runtime.attn_impl).reshape(b, t, n * h)
         o = dense(d, ("heads", "embed"), use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(o)
         return o, layer_cache
 
@@ -255,13 +146,14 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
+    runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, index):
         """x [B, T, D]; layer_cache (k, v) [B, S, K, H] or None. Returns (x, (x, layer_cache))."""
         c = self.config
-        a, layer_cache = LlamaAttention(c, self.dtype, name="self_attn")(
+        a, layer_cache = LlamaAttention(c, self.runtime, self.dtype, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, layer_cache, index)
         x = x + a
         x = x + LlamaMLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
@@ -285,22 +177,24 @@ class LlamaModel(nn.Module):
     """HF ``LlamaModel`` without the lm_head (which VipLlava keeps at the top level)."""
 
     config: LlamaConfig
+    runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
 
     def setup(self):
-        c = self.config
+        check_runtime(self.runtime, "LlamaModel")
+        c, rt = self.config, self.runtime
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                                      embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
         layer_cls = LlamaDecoderLayer
-        if c.remat_policy != "none":
-            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
-        if c.scan_layers:
+        if rt.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[rt.remat_policy], prevent_cse=not rt.scan_layers)
+        if rt.scan_layers:
             self.layers = nn.scan(
                 layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dtype)
+                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c, rt, self.dtype)
         else:
-            self.layers = [layer_cls(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            self.layers = [layer_cls(c, rt, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids: Array) -> Array:
@@ -319,7 +213,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(c, positions)
         mask, slot_mask = causal_mask(attention_mask, cache, b, t)
         index = None if cache is None else cache.index
-        if c.scan_layers:
+        if self.runtime.scan_layers:
             layer_cache = None if cache is None else (cache.k, cache.v)
             x, (hs, layer_cache) = self.layers(x, layer_cache, cos, sin, mask, index)
             new_k, new_v = (None, None) if cache is None else layer_cache

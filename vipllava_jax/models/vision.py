@@ -6,7 +6,6 @@ exactly as HF's ``CLIPVisionModel(output_hidden_states=True)``.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -14,67 +13,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
-from .layers import (ACTIVATIONS, REMAT_POLICIES, attention, check_activation, check_field_types, check_remat, dense,
-                     layer_norm, logical)
+from .config import CLIPVisionConfig, Runtime, check_runtime
+from .layers import ACTIVATIONS, REMAT_POLICIES, attention, dense, layer_norm, logical
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
-    num_channels: int = 3
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 768  # unused by VipLlava; kept so the config round-trips
-    # Not HF fields: how the JAX module is laid out.
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-    def __post_init__(self):
-        check_activation(self.hidden_act, "vision_config.hidden_act")
-        check_remat(self.remat_policy)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"vision_config.hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision_config.image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    _HF_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                  "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "projection_dim")
-
-    @classmethod
-    def from_hf(cls, d: dict, **overrides) -> "CLIPVisionConfig":
-        mt = d.get("model_type", "clip_vision_model")
-        if mt == "clip" and "vision_config" in d:  # a full CLIP config: take its vision half
-            d = d["vision_config"]
-        elif mt not in ("clip_vision_model",):
-            raise ValueError(f"vision_config has model_type {mt!r}; only CLIP vision towers ('clip_vision_model') are supported")
-        check_field_types(d, "vision_config.", positive=(
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-            "patch_size", "num_channels", "projection_dim"), floats=("layer_norm_eps",))
-        kw = {f: d[f] for f in cls._HF_FIELDS if f in d}
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf(self) -> dict:
-        out = {f: getattr(self, f) for f in self._HF_FIELDS}
-        out["model_type"] = "clip_vision_model"
-        return out
 
 
 @struct.dataclass
@@ -156,17 +98,18 @@ class CLIPEncoderLayer(nn.Module):
 
 class CLIPEncoder(nn.Module):
     config: CLIPVisionConfig
+    runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x [B, P+1, D] -> hidden states [L, B, P+1, D], one per layer."""
-        c = self.config
+        c, rt = self.config, self.runtime
         layer_cls = CLIPEncoderLayer
-        policy = REMAT_POLICIES[c.remat_policy]
-        if c.remat_policy != "none":
-            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not c.scan_layers)
-        if c.scan_layers:
+        policy = REMAT_POLICIES[rt.remat_policy]
+        if rt.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not rt.scan_layers)
+        if rt.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                               length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             _, hs = scanned(c, self.dtype, name="layers")(x, None)
@@ -182,15 +125,17 @@ class CLIPVisionTransformer(nn.Module):
     """HF ``CLIPVisionTransformer``; param names follow HF's (``pre_layrnorm`` included)."""
 
     config: CLIPVisionConfig
+    runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, pixel_values: Array) -> VisionOutput:
+        check_runtime(self.runtime, "CLIPVisionTransformer")
         c = self.config
         ln = lambda name: layer_norm(c.layer_norm_eps, "vis_embed", dtype=self.dtype, name=name)
         x = CLIPEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
         x = ln("pre_layrnorm")(x)
-        hs = CLIPEncoder(c, self.dtype, name="encoder")(x)
+        hs = CLIPEncoder(c, self.runtime, self.dtype, name="encoder")(x)
         hidden_states = jnp.concatenate([x[None], hs], axis=0)
         # post_layernorm is unused by VipLlava but is part of the checkpoint; computing the
         # pooled output keeps it in the parameter tree (XLA drops it when unused).

@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import jax
+
+from ..parallel.plan import plan_memory
+
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="parameter / KV-cache / activation bytes per device for a mesh",
@@ -35,10 +39,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .plan import plan_memory
     n = args.devices
     if n is None and (args.mesh or "auto").strip() == "auto":
-        import jax
         n = jax.device_count()
     mem = None if args.device_memory is None else int(args.device_memory * 2**30)
     plan = plan_memory(args.config, args.mesh, args.batch, args.seq_len, args.dtype, cache_dtype=args.cache_dtype,

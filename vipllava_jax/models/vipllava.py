@@ -5,8 +5,6 @@ D text model dim, V vocab.
 """
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from typing import Any
 
 import jax
@@ -15,105 +13,13 @@ import numpy as np
 import flax.linen as nn
 from flax import struct
 
-from .layers import check_activation, check_field_types, dense
-from .llama import DecoderOutput, KVCache, LlamaConfig, LlamaModel
+from .config import Runtime, VipLlavaConfig, check_runtime
+from .layers import dense
+from .llama import DecoderOutput, KVCache, LlamaModel
 from .projector import VipLlavaMultiModalProjector, select_vision_features
-from .vision import CLIPVisionConfig, CLIPVisionTransformer
+from .vision import CLIPVisionTransformer
 
 Array = jax.Array
-
-DEFAULT_FEATURE_LAYERS = (-2, -5, -8, -11, 6)
-
-
-@dataclasses.dataclass(frozen=True)
-class VipLlavaConfig:
-    vision: CLIPVisionConfig = CLIPVisionConfig()
-    text: LlamaConfig = LlamaConfig()
-    image_token_index: int = 32000
-    projector_hidden_act: str = "gelu"
-    projector_layernorm_eps: float = 1e-5
-    vision_feature_layers: int | tuple[int, ...] = DEFAULT_FEATURE_LAYERS
-    image_seq_length: int = 576
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self):
-        check_activation(self.projector_hidden_act, "projector_hidden_act")
-        n = self.vision.num_patches
-        if self.image_seq_length != n:  # HF's model ignores the field: features come from the tower's geometry
-            warnings.warn(f"config image_seq_length={self.image_seq_length} disagrees with the vision tower, which "
-                          f"gives (image_size // patch_size) ** 2 = {n} features per image; like transformers, "
-                          f"the model uses {n}", stacklevel=3)
-            object.__setattr__(self, "image_seq_length", n)
-        layers = self.vision_feature_layers
-        if isinstance(layers, list):
-            object.__setattr__(self, "vision_feature_layers", tuple(layers))
-            layers = self.vision_feature_layers
-        n = self.vision.num_hidden_layers + 1
-        for i in (layers,) if isinstance(layers, int) else layers:
-            if not -n <= i < n:
-                raise ValueError(f"vision_feature_layers entry {i} is out of range for a vision tower with {n} "
-                                 f"hidden states")
-
-    @property
-    def num_feature_layers(self) -> int:
-        return 1 if isinstance(self.vision_feature_layers, int) else len(self.vision_feature_layers)
-
-    @classmethod
-    def from_hf(cls, d: dict, *, scan_layers: bool = False, remat_policy: str = "none", **overrides) -> "VipLlavaConfig":
-        """Build from an HF ``config.json`` dict (transformers 4.x or 5.x). ``scan_layers``/``remat_policy``
-        apply to both towers."""
-        mt = d.get("model_type")
-        if mt != "vipllava":
-            arch = d.get("architectures")
-            raise ValueError(f"config.json describes model_type {mt!r} (architectures {arch}), not a VipLlava "
-                             f"checkpoint (model_type 'vipllava')")
-        for section in ("vision_config", "text_config"):  # no silent fallback to the 7B defaults
-            if not isinstance(d.get(section), dict):
-                what = "missing" if d.get(section) is None else f"a {type(d[section]).__name__}, not an object"
-                raise ValueError(f"config has no usable {section!r} section ({what}); a VipLlava config.json "
-                                 f"describes both towers")
-        check_field_types(d, "", positive=("image_seq_length",), ints=("image_token_index", "image_token_id",
-                                                                       "vision_feature_layer"),
-                          floats=("projector_layernorm_eps",))
-        layout = dict(scan_layers=scan_layers, remat_policy=remat_policy)
-        vision = CLIPVisionConfig.from_hf(d["vision_config"], **layout)
-        text = LlamaConfig.from_hf(d["text_config"], **layout)
-        kw: dict[str, Any] = {}
-        for f in ("image_token_index", "projector_hidden_act", "projector_layernorm_eps", "image_seq_length"):
-            if f in d:
-                kw[f] = d[f]
-        if "image_token_id" in d and "image_token_index" not in d:
-            kw["image_token_index"] = d["image_token_id"]
-        layers = d.get("vision_feature_layer", d.get("vision_feature_layers", DEFAULT_FEATURE_LAYERS))
-        kw["vision_feature_layers"] = layers if isinstance(layers, int) else tuple(layers)
-        tie = d.get("tie_word_embeddings")
-        kw["tie_word_embeddings"] = bool(text.tie_word_embeddings if tie is None else tie)
-        kw.update(overrides)
-        return cls(vision=vision, text=text, **kw)
-
-    def to_hf(self) -> dict:
-        layers = self.vision_feature_layers
-        return {
-            "architectures": ["VipLlavaForConditionalGeneration"],
-            "model_type": "vipllava",
-            "vision_config": self.vision.to_hf(),
-            "text_config": self.text.to_hf(),
-            "image_token_index": self.image_token_index,
-            "projector_hidden_act": self.projector_hidden_act,
-            "projector_layernorm_eps": self.projector_layernorm_eps,
-            "vision_feature_layer": layers if isinstance(layers, int) else list(layers),
-            "image_seq_length": self.image_seq_length,
-            "tie_word_embeddings": self.tie_word_embeddings,
-        }
-
-    def replace(self, **kw) -> "VipLlavaConfig":
-        return dataclasses.replace(self, **kw)
-
-    def with_layout(self, *, scan_layers: bool | None = None, remat_policy: str | None = None) -> "VipLlavaConfig":
-        kw = {k: v for k, v in dict(scan_layers=scan_layers, remat_policy=remat_policy).items() if v is not None}
-        return dataclasses.replace(self, vision=dataclasses.replace(self.vision, **kw),
-                                   text=dataclasses.replace(self.text, **kw))
-
 
 @struct.dataclass
 class VipLlavaOutput:
@@ -161,15 +67,20 @@ def default_positions(attention_mask: Array | None, b: int, t: int) -> Array:
 
 
 class VipLlavaForConditionalGeneration(nn.Module):
+    """The whole model. ``config`` says what the checkpoint is, ``runtime`` how the modules are laid out and run
+    (read it back as ``module.runtime.scan_layers``), ``dtype`` the compute dtype."""
+
     config: VipLlavaConfig
+    runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
 
     def setup(self):
-        c = self.config
-        self.vision_tower = CLIPVisionTransformer(c.vision, self.dtype)
+        check_runtime(self.runtime, "VipLlavaForConditionalGeneration")
+        c, rt = self.config, self.runtime
+        self.vision_tower = CLIPVisionTransformer(c.vision, rt, self.dtype)
         self.multi_modal_projector = VipLlavaMultiModalProjector(
             c.text.hidden_size, c.projector_layernorm_eps, c.projector_hidden_act, self.dtype)
-        self.language_model = LlamaModel(c.text, self.dtype)
+        self.language_model = LlamaModel(c.text, rt, self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head")
 

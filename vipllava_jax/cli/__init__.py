@@ -1,21 +1,18 @@
-"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``, ``train``, ``eval``."""
+"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``, ``selfcheck``, ``train``, ``eval``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import cli_convert, cli_demo, cli_eval, cli_generate, cli_plan, cli_train
+from . import convert, demo, generate, plan, selfcheck, train
+from . import eval as eval_
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vipllava-jax", description="VipLlava (ViP-LLaVA) in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
-    cli_generate.register(sub)
-    cli_demo.register(sub)
-    cli_convert.register(sub)
-    cli_plan.register(sub)
-    cli_train.register(sub)
-    cli_eval.register(sub)
+    for command in (demo, generate, convert, plan, train, eval_, selfcheck):  # one module per subcommand
+        command.register(sub)
     return ap
 
 

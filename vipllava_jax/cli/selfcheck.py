@@ -1,4 +1,4 @@
-"""``vipllava-jax demo``: the built-in default job, no download needed.
+"""``vipllava-jax selfcheck``: parity with PyTorch on a tiny random checkpoint, no download needed.
 
 Builds a tiny random HF VipLlava checkpoint, converts it to orbax, loads it back, runs one forward
 pass on a left-padded batch with two images in one row, prints how far our logits are from PyTorch's, then
@@ -10,25 +10,30 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from ..checkpoints.load import load_pretrained
+from ..checkpoints.orbax import save_orbax
+from ..generation.api import generate
+from ..testing.parity import rel_err
+from ..testing.tiny_model import TINY_IMAGE_TOKEN, make_tiny_checkpoint
+
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="tiny random checkpoint: convert, run, compare with PyTorch (needs torch)")
+    p = sub.add_parser("selfcheck", help="tiny random checkpoint: convert, run, compare with PyTorch (needs torch)")
     p.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     try:
         import torch
     except ImportError:
-        raise ValueError("the demo compares against PyTorch: pip install torch (CPU: pip install torch==2.13.0)")
-    from .checkpoint import load_pretrained, save_orbax
-    from .testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
+        raise ValueError("the self-check compares against PyTorch: pip install torch (CPU: pip install torch==2.13.0)")
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vipllava-demo-"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vipllava-selfcheck-"))
     hf_dir, orbax_dir = work / "tiny-hf", work / "tiny-orbax"
     ref = make_tiny_checkpoint(hf_dir)
     print(f"1. tiny random HF checkpoint: {hf_dir}")
@@ -51,11 +56,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
                      attention_mask=torch.tensor(mask)).logits.numpy()
-    real = mask.astype(bool)
-    err = np.abs(ours - theirs)[real].max() / np.abs(theirs[real]).max()
+    err = rel_err(ours, theirs, mask.astype(bool))
     print(f"4. logits {list(ours.shape)}: max relative error vs PyTorch = {err:.2e} "
           f"({'OK' if err < 1e-4 else 'MISMATCH'})")
-    from .generation import generate
     n_new = 8
     toks = generate(module, params, ids, pixels, mask, max_new_tokens=n_new)
     with torch.no_grad():

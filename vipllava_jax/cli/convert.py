@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+import jax.numpy as jnp
+
+from ..checkpoints.convert import save_hf
+from ..checkpoints.load import load_pretrained, resolve_model_path
+from ..checkpoints.orbax import save_orbax
+
 DTYPES = {"keep": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -18,9 +24,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-    from .checkpoint import load_pretrained, resolve_model_path, save_orbax
-    from .convert import save_hf
     dtype = DTYPES[args.dtype]
     dtype = None if dtype is None else jnp.dtype(dtype)
     src = resolve_model_path(args.src)

@@ -12,17 +12,17 @@ GPT-4 grader reads. `contains` honours ViP-Bench's <AND> / <OR>.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from .checkpoint import load_config, load_pretrained, resolve_model_path
-from .cli_generate import DEFAULT_CACHE_DIR, DTYPES, enable_compilation_cache
-from .distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
-from .evaluation import METRICS, evaluate, load_eval_records, write_answers, write_vipbench_results
-from .processing import DEFAULT_SYSTEM_PROMPT, Processor
+from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
+from ..data.processor import Processor
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT
+from ..generation.evaluation import METRICS, evaluate, load_eval_records, write_answers, write_vipbench_results
+from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
+from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
 
 
 def register(sub) -> None:
@@ -60,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_path(args.model)
     proc = Processor.from_pretrained(model_dir, pad_to_square=args.pad_to_square)
     records = load_eval_records(args.data, meta=args.meta)  # a bad file fails before loading weights
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = auto_dtype(args.dtype)
     mesh = None
     if jax.device_count() > 1 or args.mesh not in (None, "", "auto"):
         mesh = mesh_from_args(args, load_config(model_dir))

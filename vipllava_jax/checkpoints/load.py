@@ -1,0 +1,68 @@
+"""`load_pretrained`: an HF directory, a hub id or an orbax directory -> ``(module, params)``."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from ..models.config import CheckpointError, Runtime, VipLlavaConfig, load_config_file
+from ..models.vipllava import VipLlavaForConditionalGeneration
+from ..models.params import flat_paths
+from ..parallel.mesh import check_mesh
+from ..parallel.shardings import param_shardings
+from .convert import load_hf_params
+from .orbax import is_orbax_dir, restore_orbax
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local directory, or a hub id (``llava-hf/vip-llava-7b-hf``) downloaded where a network exists."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path)
+    if p.exists():
+        raise CheckpointError(f"{s} is a file; give the model directory")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", s) and not s.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
+            raise CheckpointError(f"{s} is not a local directory and could not be fetched from the hub "
+                                  f"({type(e).__name__}: {e})") from None
+    raise CheckpointError(f"Model directory {s} does not exist")
+
+
+def load_config(path) -> VipLlavaConfig:
+    """The `VipLlavaConfig` of a model directory or hub id (config.json only: no weights are read)."""
+    return load_config_file(resolve_model_path(path))
+
+
+def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = False, remat_policy: str = "none",
+                    attn_impl: str = "auto", runtime: Runtime | None = None, progress: bool = True):
+    """Load a VipLlava model: ``(module, params)``.
+
+    path: an HF directory (config.json + safetensors / sharded index / pytorch_model.bin), a hub id where a
+    network exists, or a directory written by ``save_orbax`` / ``convert/hf_to_orbax.py``.
+    dtype: parameter and compute dtype (None keeps the checkpoint's dtype for the params and computes in fp32).
+    mesh: a jax.sharding.Mesh; each tensor then goes straight onto its shards.
+    scan_layers, remat_policy, attn_impl: the module's `Runtime` (or give ``runtime=`` whole); the params come
+    in the layout it asks for, and ``module.runtime`` holds it.
+    """
+    layout = dict(scan_layers=scan_layers, remat_policy=remat_policy, attn_impl=attn_impl)
+    if runtime is None:
+        runtime = Runtime(**layout)
+    elif layout != dict(scan_layers=False, remat_policy="none", attn_impl="auto"):
+        raise ValueError("give runtime= or scan_layers/remat_policy/attn_impl, not both")
+    p = resolve_model_path(path)
+    cfg = load_config_file(p)
+    check_mesh(cfg, mesh)
+    module = VipLlavaForConditionalGeneration(cfg, runtime, dtype=jnp.float32 if dtype is None else dtype)
+    scan = runtime.scan_layers
+    if is_orbax_dir(p):
+        params = restore_orbax(p, cfg, dtype=dtype, mesh=mesh, scan_layers=scan)
+    else:
+        shardings = flat_paths(param_shardings(cfg, mesh, scan_layers=scan)) if mesh is not None else None
+        params = load_hf_params(p, cfg, dtype=dtype, shardings=shardings, progress=progress, scan_layers=scan)
+    return module, params

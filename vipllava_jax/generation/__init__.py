@@ -1,0 +1,12 @@
+"""Batched generation (prefill + an on-device decode loop), streaming, sharded generation, and evaluation."""
+from .api import generate, generate_stream, generate_stream_tokens, sharded_generate
+from .config import GenerationConfig
+from .inputs import bucket_length, check_count, check_seed, max_new_tokens_limit
+from .sampling import (SamplingConfig, apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
+                       process_logits, select_tokens)
+from .stop_strings import StopStrings, stop_strings_for, token_strings
+
+__all__ = ["generate", "generate_stream", "generate_stream_tokens", "sharded_generate", "GenerationConfig",
+           "bucket_length", "check_count", "check_seed", "max_new_tokens_limit", "SamplingConfig",
+           "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p", "process_logits",
+           "select_tokens", "StopStrings", "stop_strings_for", "token_strings"]
