@@ -70,6 +70,9 @@ COUNT_ANSWERS = ("1", "2", "3")
 SIDES = ("left", "right")
 VERTICAL_SIDES = ("above", "below")
 
+# A question without a marker, for training data: every shape named, left to right (`Scene.caption`). It teaches
+# the tower to see shapes and colours from many answer words per image (as LLaVA's stage 1 aligns on captions).
+LIST_QUESTION = "List the shapes from left to right."
 # <bbox> is the marker's phrase (visual_prompts.marker_phrase); {ref} names the reference shape.
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("What shape is <bbox>?", "What is the shape of the object <bbox>?"),
@@ -251,6 +254,11 @@ class Scene:
             "noise_seed": self.noise_seed, "seed": self.seed,
         }
 
+    @property
+    def caption(self) -> str:
+        """Every shape, left to right: "black circle, green star, pink cross" (the answer to LIST_QUESTION)."""
+        return ", ".join(s.description for s in sorted(self.shapes, key=lambda s: s.cx))
+
     def other_questions(self) -> list[tuple[str, str]]:
         """(question template with "<bbox>", answer) for the other questions this scene answers without doubt:
         the marked object's shape and colour, and how many share its colour / its shape (when that is 1-3).
@@ -275,7 +283,10 @@ class Scene:
         q = self.question if pre_marked else self.question_template.replace("<bbox>", "<bbox0>")
         turns = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": self.answer}]
         for template, answer in more_questions:
-            more = vp.build_question(template, self.marker) if pre_marked else template.replace("<bbox>", "<bbox0>")
+            if "<bbox>" not in template:
+                more = template
+            else:
+                more = vp.build_question(template, self.marker) if pre_marked else template.replace("<bbox>", "<bbox0>")
             turns += [{"from": "human", "value": more}, {"from": "gpt", "value": answer}]
         rec: dict[str, Any] = {"id": record_id, "image": image_path, "conversations": turns}
         if not pre_marked:
@@ -309,9 +320,10 @@ def _image_size(rng, min_size, max_size, square_probability) -> tuple[int, int]:
 
 
 def _place(rng, n: int, area: tuple[float, float, float, float], side: float) -> list[tuple[float, float, float]]:
-    """n (cx, cy, r) apart from each other (centre distance >= 1.6 (r_i + r_j)) inside `area`."""
+    """n (cx, cy, r) apart from each other (centre distance >= 1.45 (r_i + r_j)) inside `area`."""
     x0, y0, x1, y1 = area
-    lo, hi = (0.075, 0.115) if n <= 4 else (0.07, 0.10)
+    # Large enough that a shape spans a few of a small vision tower's patches (a 16 px patch on a 112 px crop).
+    lo, hi = (0.13, 0.17) if n <= 4 else (0.115, 0.145)
     for _ in range(60):
         out: list[tuple[float, float, float]] = []
         for _ in range(n):
@@ -319,7 +331,7 @@ def _place(rng, n: int, area: tuple[float, float, float, float], side: float) ->
             m = 1.35 * r + 2
             for _ in range(200):
                 cx, cy = float(rng.uniform(x0 + m, x1 - m)), float(rng.uniform(y0 + m, y1 - m))
-                if all(math.hypot(cx - a, cy - b) >= 1.6 * (r + c) for a, b, c in out):
+                if all(math.hypot(cx - a, cy - b) >= 1.45 * (r + c) for a, b, c in out):
                     out.append((cx, cy, r))
                     break
             else:
@@ -574,7 +586,8 @@ def _schedule(rng, n: int, question_types, marker_kinds) -> list[tuple[str, str]
 def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[str] = QUESTION_TYPES,
                   marker_kinds: Sequence[str] = MARKER_KINDS, pre_marked: bool = True,
                   fix_marker_kind: bool = False, json_name: str = "data.json", image_dir: str = "images",
-                  id_prefix: str = "synth", questions_per_scene: int = 1, **scene_kw) -> Path:
+                  id_prefix: str = "synth", questions_per_scene: int = 1, list_shapes: bool = False,
+                  **scene_kw) -> Path:
     """Write `n` scenes: PNG images under out_dir/image_dir and a LLaVA-format JSON list out_dir/json_name
     (paths relative to out_dir, so pass out_dir as the image folder). Returns the JSON path.
 
@@ -584,6 +597,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
     pipeline to draw and phrase (`Scene.record`). Each record keeps the scene's `metadata`.
     questions_per_scene: ask up to this many questions of each scene, the scene's own first and then others
     it answers (`Scene.other_questions`, seeded order): more supervised answers per image for training.
+    list_shapes: end each conversation with LIST_QUESTION and the scene's caption (training data).
     `scene_kw`: more `make_scene` options (size, noise_probability, named_color_probability, ...).
     """
     if not isinstance(questions_per_scene, int) or questions_per_scene < 1:
@@ -608,6 +622,8 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
             others = scene.other_questions()
             order = np.random.default_rng([int(seed), i, 7]).permutation(len(others))
             more = [others[j] for j in order[:questions_per_scene - 1]]
+        if list_shapes:
+            more.append((LIST_QUESTION, scene.caption))
         records.append(scene.record(f"{id_prefix}-{seed}-{i:06d}", rel, pre_marked=pre_marked,
                                     fix_marker_kind=fix_marker_kind, more_questions=more))
     path = out / json_name

@@ -1,0 +1,136 @@
+"""The demo (issue 14): the demo recipe (train/train_demo.py) writes a VipLlava that transformers runs the same,
+`vipllava-jax demo` shows a demo-format model at work end to end, and `vipllava-jax selfcheck` (the old parity
+demo, and what `demo` runs while no trained demo model is shipped) still passes."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from vipllava_jax import demo, generate
+from vipllava_jax import synthetic as syn
+from vipllava_jax.checkpoint import load_pretrained
+from vipllava_jax.cli import main
+from vipllava_jax.cli.demo import shipped_model_available
+from vipllava_jax.processing import Processor, build_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+
+import make_demo_model  # noqa: E402
+import train_demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo recipe run end to end, shortened: 64 scenes, 6 steps of 8 rows, 20 held-out scenes."""
+    work = tmp_path_factory.mktemp("demo_recipe")
+    assert train_demo.main(["--work", str(work), "--n-train", "64", "--n-eval", "20", "--set", "max_steps=6",
+                            "--set", "batch_size=8", "--set", "progress=false", "--set", "log_every=1"]) == 0
+    hf = work / "run" / "hf"
+    module, params = load_pretrained(hf, jnp.float32, progress=False)
+    return work, hf, module, params, Processor.from_pretrained(hf)
+
+
+def test_recipe_summary_and_data(trained):
+    work, hf, *_ = trained
+    s = json.loads((work / "summary.json").read_text())
+    assert s["n"] == 20 and 0 <= s["accuracy"] <= 1 and abs(s["chance"] - syn.chance_accuracy()) < 1e-9
+    assert set(s["by_type"]) <= set(syn.QUESTION_TYPES) and s["config"]["stage"] == "all"
+    recs = json.loads((work / "data" / "train.json").read_text())
+    assert len(recs) == 64
+    # each scene: its own question, two more it answers, and the list of its shapes
+    assert all(len(r["conversations"]) == 2 * (train_demo.QUESTIONS_PER_SCENE + 1) for r in recs)
+    assert recs[0]["conversations"][-2]["value"] == syn.LIST_QUESTION
+    lines = (work / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)][-1] == 6
+
+
+def test_recipe_model_is_an_hf_directory_transformers_runs_the_same(trained):
+    """The recipe's output is a VipLlava that transformers loads; its processor gives our processor's inputs and
+    its logits are ours."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoProcessor, VipLlavaForConditionalGeneration
+
+    _, path, module, params, proc = trained
+    scene = syn.make_scene((demo.HELDOUT_SEED, 7))
+    prompt = build_prompt(scene.question, 1, system=demo.DEMO_SYSTEM_PROMPT, style=demo.DEMO_TEMPLATE)
+    ours = proc([prompt], [scene.image])
+    theirs = AutoProcessor.from_pretrained(path)(text=[prompt], images=[scene.image], return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    np.testing.assert_allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-5)
+    ref = VipLlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ours["input_ids"]), pixel_values=torch.tensor(ours["pixel_values"]),
+                   attention_mask=torch.tensor(ours["attention_mask"])).logits.numpy()
+    got = np.asarray(module.apply({"params": params}, ours["input_ids"], ours["pixel_values"],
+                                  ours["attention_mask"]).logits)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_demo_command_end_to_end(trained, tmp_path, capsys):
+    """`vipllava-jax demo --model`: the seeded scene saved as drawn, its question, the answer, the right answer
+    beside it, and the held-out accuracy that `heldout_accuracy` measures, against chance."""
+    _, hf, module, params, proc = trained
+    img = tmp_path / "scene.png"
+    assert main(["demo", "--model", str(hf), "--seed", "5", "--save-marked", str(img), "--n-eval", "20"]) == 0
+    out = capsys.readouterr().out
+    scene = syn.make_scene(5)
+    assert np.array_equal(np.asarray(Image.open(img)), np.asarray(scene.image))
+    assert f"Q: {scene.question}" in out
+    answer = re.search(r"^A: (.*?)\s+\(right answer: (\S+) - (correct|wrong)\)", out, re.M)
+    assert answer and answer.group(2) == scene.answer
+    assert (answer.group(3) == "correct") == (answer.group(1).strip() == scene.answer)
+    acc = re.search(r"Accuracy on (\d+) held-out scenes: ([\d.]+)% exact match \(chance (\d+)%\)", out)
+    assert acc, out
+    want = demo.heldout_accuracy((module, params, proc), 20)
+    assert int(acc.group(1)) == 20 and acc.group(2) == f"{100 * want['accuracy']:.1f}"
+    assert int(acc.group(3)) == round(100 * syn.chance_accuracy()) and int(acc.group(3)) <= 35
+    assert len(out.strip().splitlines()) <= 8
+
+
+def test_demo_answer_is_the_greedy_answer(trained):
+    """The streamed demo answer is the model's greedy answer, scored against the scene's truth."""
+    _, _, module, params, proc = trained
+    for seed in (1, 2):
+        res = demo.run_demo(seed, n_eval=0, stream=lambda *a, **k: None, model=(module, params, proc))
+        scene = syn.make_scene(seed)
+        enc = proc([build_prompt(scene.question, 1, system=demo.DEMO_SYSTEM_PROMPT, style=demo.DEMO_TEMPLATE)],
+                   [scene.image])
+        toks = generate(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                        max_new_tokens=8, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id)
+        text = proc.decode(toks[0].tolist(), skip_special_tokens=True).split("</s>")[0].strip()
+        assert res["answer"] == text
+        assert res["truth"] == scene.answer and res["correct"] == (res["answer"] == scene.answer)
+
+
+@pytest.mark.skipif(shipped_model_available(), reason="a trained demo model is shipped")
+def test_demo_without_a_shipped_model_runs_the_selfcheck(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "No trained demo model is shipped" in out and "(OK)" in out and "same as HF generate" in out
+
+
+def test_selfcheck_matches_pytorch(tmp_path, capsys):
+    """`vipllava-jax selfcheck` (the old parity demo): tiny random checkpoint -> orbax -> logits and greedy
+    tokens equal PyTorch's."""
+    pytest.importorskip("torch")
+    assert main(["selfcheck", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(OK)" in out and "same as HF generate" in out
+
+
+def test_demo_model_tokenizer_covers_the_task():
+    """The demo tokenizer encodes every answer word as one token and any printable text without <unk>."""
+    tok = make_demo_model.build_tokenizer()
+    for a in syn.answer_vocabulary():
+        ids = tok.encode(" " + a, add_special_tokens=False).ids
+        assert len(ids) == 1, (a, tok.encode(" " + a, add_special_tokens=False).tokens)
+    text = "Zebra? 123 ~#@ {x}"
+    assert make_demo_model.UNK_ID not in tok.encode(text).ids
+    assert tok.decode(tok.encode(text).ids) == text
