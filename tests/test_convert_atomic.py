@@ -41,6 +41,7 @@ def whole_dtype(out: Path) -> str:
     return dtypes[0]
 
 
+@pytest.mark.slow  # ~1 min of random kills; test_overwrite_killed_at_each_step_of_the_swap covers every step
 def test_overwrite_killed_at_any_moment_leaves_old_or_new_whole(src, tmp_path):
     out = tmp_path / "out"
     p = convert(src, out, "--dtype", "float32")

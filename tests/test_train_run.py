@@ -326,7 +326,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise(env, full_run, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("kill_after", [3, 7])
+@pytest.mark.parametrize("kill_after", [3, pytest.param(7, marks=pytest.mark.slow)])
 def test_sigkill_during_saves_resumes_from_a_whole_checkpoint(env, full_run, tmp_path, kill_after):
     """Saving every step (asynchronously), SIGKILL at some moment: whatever checkpoint is left is whole, the
     next run resumes from it and ends bitwise equal to the uninterrupted run."""
