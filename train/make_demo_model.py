@@ -107,29 +107,13 @@ def write_processor(out_dir, *, image_size: int = DEMO_MODEL["image_size"],
                     patch_size: int = DEMO_MODEL["patch_size"], vocab_size: int = DEMO_MODEL["vocab_size"]) -> dict:
     """Write the tokenizer and processor files (as `vipllava_jax.tiny_tokenizer.make_tiny_processor` does, with
     the demo's BPE tokenizer). Returns the token ids."""
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from vipllava_jax.testing.tiny_tokenizer import save_processor
 
-    from vipllava_jax.tiny_tokenizer import VIPLLAVA_CHAT_TEMPLATE
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(vocab_size), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", model_max_length=DEMO_MODEL["max_position_embeddings"])
-    try:  # transformers 5 without torchvision: the PIL backend (same saved config)
-        from transformers import CLIPImageProcessorPil as _ImageProcessor
-    except ImportError:  # transformers 4
-        from transformers import CLIPImageProcessor as _ImageProcessor
-    image_processor = _ImageProcessor(size={"shortest_edge": image_size},
-                                      crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=VIPLLAVA_CHAT_TEMPLATE, image_token="<image>")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    processor.save_pretrained(os.fspath(out_dir))
-    with open(out_dir / "preprocessor_config.json", "w", encoding="utf-8") as f:
-        json.dump({**image_processor.to_dict(), "processor_class": "LlavaProcessor"}, f, indent=2, sort_keys=True)
+    tok = build_tokenizer(vocab_size)
+    save_processor(out_dir, tok, image_size=image_size, patch_size=patch_size,
+                   model_max_length=DEMO_MODEL["max_position_embeddings"])
     return {"image_token_id": IMAGE_ID, "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
-            "vocab_size": len(tokenizer)}
+            "vocab_size": tok.get_vocab_size()}
 
 
 def demo_hf_config(**overrides):

@@ -50,13 +50,14 @@ def make_data(work: Path, n_train: int, questions_per_scene: int) -> Path:
     from vipllava_jax import demo
     from vipllava_jax.synthetic import write_dataset
     data = work / "data"
-    path = data / "train.json"
-    if path.is_file():
-        recs = json.loads(path.read_text())
-        if len(recs) == n_train and len(recs[0]["conversations"]) == 2 * (questions_per_scene + 1):
-            return path
-    return write_dataset(data, n_train, seed=demo.TRAIN_SEED, pre_marked=True, json_name="train.json",
+    path, made = data / "train.json", data / "made_with.json"
+    settings = {"n_train": n_train, "questions_per_scene": questions_per_scene, "seed": demo.TRAIN_SEED}
+    if path.is_file() and made.is_file() and json.loads(made.read_text()) == settings:
+        return path
+    path = write_dataset(data, n_train, seed=demo.TRAIN_SEED, pre_marked=True, json_name="train.json",
                          id_prefix="train", questions_per_scene=questions_per_scene, list_shapes=True)
+    made.write_text(json.dumps(settings))
+    return path
 
 
 def install(hf_dir: Path, dest: Path) -> None:

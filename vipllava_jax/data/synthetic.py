@@ -265,9 +265,8 @@ class Scene:
         Training data may ask several (`write_dataset(questions_per_scene=...)`): more answers per image."""
         t = self.target_shape
         out = [(QUESTION_TEMPLATES["shape"][0], t.kind), (QUESTION_TEMPLATES["color"][0], t.color)]
-        for attr in ("color", "shape"):
-            n = sum(getattr(x, "color" if attr == "color" else "kind") == getattr(t, "color" if attr == "color"
-                                                                               else "kind") for x in self.shapes)
+        for attr, field in (("color", "color"), ("shape", "kind")):
+            n = sum(getattr(x, field) == getattr(t, field) for x in self.shapes)
             if str(n) in COUNT_ANSWERS:
                 out.append((QUESTION_TEMPLATES[f"count_{attr}"][0], str(n)))
         own_type = {"count": f"count_{self.count_of}"}.get(self.question_type, self.question_type)

@@ -29,7 +29,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["make_tiny_processor", "VIPLLAVA_CHAT_TEMPLATE", "TINY_CHARS"]
+__all__ = ["make_tiny_processor", "save_processor", "VIPLLAVA_CHAT_TEMPLATE", "TINY_CHARS"]
 
 # The chat template llava-hf uses for vip-llava-7b-hf / -13b-hf (the "llava_v0" conversation format).
 VIPLLAVA_CHAT_TEMPLATE = (
@@ -99,7 +99,6 @@ def make_tiny_processor(out_dir, image_seq_length: int | None = None, image_size
     vocab_size (number of ids used: max id + 1), image_seq_length, patch_size, image_size.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
     image_seq_length, patch_size = _resolve_geometry(image_size, image_seq_length, patch_size)
     reserved = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id, "<pad>": pad_token_id}
@@ -123,10 +122,21 @@ def make_tiny_processor(out_dir, image_seq_length: int | None = None, image_size
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reserved])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    save_processor(out_dir, tok, image_size=image_size, patch_size=patch_size, model_max_length=4096)
+    return {"image_token_id": image_token_id, "pad_token_id": pad_token_id, "eos_token_id": 2,
+            "bos_token_id": 1, "unk_token_id": 0, "vocab_size": vocab_size,
+            "image_seq_length": image_seq_length, "patch_size": patch_size, "image_size": image_size}
+
+
+def save_processor(out_dir, tok, *, image_size: int, patch_size: int, model_max_length: int) -> None:
+    """Write a `LlavaProcessor` around the `tokenizers.Tokenizer` ``tok`` (ids <unk> 0, <s> 1, </s> 2; <pad>
+    and <image> special) and a CLIP image processor (shortest edge and square crop ``image_size``), set like
+    the llava-hf VipLlava checkpoints, into out_dir; plus the legacy preprocessor_config.json."""
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side="left", model_max_length=4096)
-
+        padding_side="left", model_max_length=model_max_length)
     try:  # transformers 5 without torchvision: name the PIL backend directly (same saved config)
         from transformers import CLIPImageProcessorPil as _ImageProcessor
     except ImportError:  # transformers 4
@@ -142,6 +152,3 @@ def make_tiny_processor(out_dir, image_seq_length: int | None = None, image_size
     # Also the legacy file real checkpoints ship, so tools reading only preprocessor_config.json work.
     with open(out_dir / "preprocessor_config.json", "w", encoding="utf-8") as f:
         json.dump({**image_processor.to_dict(), "processor_class": "LlavaProcessor"}, f, indent=2, sort_keys=True)
-    return {"image_token_id": image_token_id, "pad_token_id": pad_token_id, "eos_token_id": 2,
-            "bos_token_id": 1, "unk_token_id": 0, "vocab_size": vocab_size,
-            "image_seq_length": image_seq_length, "patch_size": patch_size, "image_size": image_size}
