@@ -57,7 +57,7 @@ def test_recipe_model_is_an_hf_directory_transformers_runs_the_same(trained):
     from transformers import AutoProcessor, VipLlavaForConditionalGeneration
 
     _, path, module, params, proc = trained
-    scene = syn.make_scene((demo.HELDOUT_SEED, 7))
+    scene = syn.make_scene((demo.HELDOUT_SEED, 7), **syn.DEMO_SCENE)
     prompt = build_prompt(scene.question, 1, system=demo.DEMO_SYSTEM_PROMPT, style=demo.DEMO_TEMPLATE)
     ours = proc([prompt], [scene.image])
     theirs = AutoProcessor.from_pretrained(path)(text=[prompt], images=[scene.image], return_tensors="np")
@@ -79,7 +79,7 @@ def test_demo_command_end_to_end(trained, tmp_path, capsys):
     img = tmp_path / "scene.png"
     assert main(["demo", "--model", str(hf), "--seed", "5", "--save-marked", str(img), "--n-eval", "20"]) == 0
     out = capsys.readouterr().out
-    scene = syn.make_scene(5)
+    scene = syn.make_scene(5, **syn.DEMO_SCENE)
     assert np.array_equal(np.asarray(Image.open(img)), np.asarray(scene.image))
     assert f"Q: {scene.question}" in out
     answer = re.search(r"^A: (.*?)\s+\(right answer: (\S+) - (correct|wrong)\)", out, re.M)
@@ -98,7 +98,7 @@ def test_demo_answer_is_the_greedy_answer(trained):
     _, _, module, params, proc = trained
     for seed in (1, 2):
         res = demo.run_demo(seed, n_eval=0, stream=lambda *a, **k: None, model=(module, params, proc))
-        scene = syn.make_scene(seed)
+        scene = syn.make_scene(seed, **syn.DEMO_SCENE)
         enc = proc([build_prompt(scene.question, 1, system=demo.DEMO_SYSTEM_PROMPT, style=demo.DEMO_TEMPLATE)],
                    [scene.image])
         toks = generate(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
@@ -114,6 +114,38 @@ def test_demo_without_a_shipped_model_runs_the_selfcheck(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "No trained demo model is shipped" in out and "(OK)" in out and "same as HF generate" in out
+
+
+# The shipped model's exact match on the 200 held-out scenes, as measured when it was trained and installed
+# (train/train_demo.py --install prints it; greedy decoding on fixed scenes, so it is the same on any CPU up to
+# float rounding of a near-tie). None while no model ships.
+SHIPPED_ACCURACY = None
+
+
+@pytest.mark.skipif(not shipped_model_available(), reason="no trained demo model is shipped")
+def test_shipped_demo_model(tmp_path, capsys):
+    """`vipllava-jax demo` with the shipped model: the seeded scene saved as drawn, its question, an answer, the
+    right answer, and the accuracy on the 200 held-out scenes, which is what the model shipped with."""
+    img = tmp_path / "scene.png"
+    assert main(["demo", "--seed", "3", "--save-marked", str(img)]) == 0
+    out = capsys.readouterr().out
+    scene = syn.make_scene(3, **syn.DEMO_SCENE)
+    assert np.array_equal(np.asarray(Image.open(img)), np.asarray(scene.image))
+    assert f"Q: {scene.question}" in out
+    acc = re.search(r"Accuracy on (\d+) held-out scenes: ([\d.]+)% exact match \(chance (\d+)%\)", out)
+    assert acc and int(acc.group(1)) == 200, out
+    assert SHIPPED_ACCURACY is not None, "set SHIPPED_ACCURACY to the installed model's measured accuracy"
+    assert float(acc.group(2)) / 100 >= SHIPPED_ACCURACY - 0.01
+    assert float(acc.group(2)) / 100 > syn.chance_accuracy() + 0.3
+
+
+@pytest.mark.slow
+def test_full_recipe_retrains_the_shipped_accuracy(tmp_path):
+    """python train/train_demo.py as documented (train/configs/demo.yaml, from scratch): the accuracy the
+    shipped model has. About half an hour on a 2-core CPU."""
+    assert train_demo.main(["--work", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["n"] == 200 and s["accuracy"] >= (SHIPPED_ACCURACY or 0.9) - 0.03
 
 
 def test_selfcheck_matches_pytorch(tmp_path, capsys):

@@ -28,3 +28,35 @@ def test_inference_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "What is pointed to by the blue arrow? ->" in text
     pngs = [o for o in outputs if o.output_type in ("execute_result", "display_data") and "image/png" in o.data]
     assert len(pngs) >= 2  # the image, then the marked image
+
+
+FINETUNE_NOTEBOOK = ROOT / "notebooks" / "finetune_visual_prompts.ipynb"
+FINETUNE_TEST = {"n_train": 600, "n_eval": 60, "steps": 150}  # the notebook's own: 2000, 100, 400
+
+
+@pytest.mark.skipif(not (ROOT / "vipllava_jax" / "assets" / "demo_model" / "config.json").is_file(),
+                    reason="no trained demo model is shipped")
+def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypatch):
+    """notebooks/finetune_visual_prompts.ipynb top to bottom on fewer scenes and steps: the shipped demo model,
+    fine-tuned on above/below questions it never saw, answers them far better after than before."""
+    import re
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(FINETUNE_NOTEBOOK, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"
+    params[0].source += f"\nN_TRAIN = {FINETUNE_TEST['n_train']}\nN_EVAL = {FINETUNE_TEST['n_eval']}\n" \
+                        f"STEPS = {FINETUNE_TEST['steps']}\nWORKDIR = {str(tmp_path / 'work')!r}\n"
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    m = re.search(r"before fine-tuning: (\d+)%   after: (\d+)%", text)
+    assert m, text[-2000:]
+    before, after = int(m.group(1)), int(m.group(2))
+    assert after >= before + 20, (before, after)
+    assert (tmp_path / "work" / "run" / "hf" / "model.safetensors").is_file()
+    pngs = [o for o in outputs if o.output_type in ("execute_result", "display_data") and "image/png" in o.data]
+    assert len(pngs) == 4
+    assert text.count("right answer:") == 4

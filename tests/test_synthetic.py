@@ -12,9 +12,32 @@ from vipllava_jax import visual_prompts as vp
 N_SCENES = 160
 
 
-@pytest.fixture(scope="module")
-def scenes():
-    return [syn.make_scene(i) for i in range(N_SCENES)]
+@pytest.fixture(scope="module", params=["default", "demo"])
+def scenes(request):
+    """The default scenes (free layout, 96-192 px) and the demo model's (`DEMO_SCENE`: grid layout, 96 px)."""
+    kw = syn.DEMO_SCENE if request.param == "demo" else {}
+    return [syn.make_scene(i, **kw) for i in range(N_SCENES)]
+
+
+def test_demo_scene_grid_layout():
+    """DEMO_SCENE: 96 px squares, 3-4 shapes, each inside its own cell of the 4 x 4 grid (the demo model's 24 px
+    patches), at varied places and sizes."""
+    cells, radii = set(), []
+    for i in range(60):
+        s = syn.make_scene(i, **syn.DEMO_SCENE)
+        assert s.image.size == (96, 96) and 3 <= len(s.shapes) <= 4
+        seen = set()
+        for sh in s.shapes:
+            x0, y0, x1, y1 = sh.box
+            cell = (x0 // 24, y0 // 24)
+            assert ((x1 - 1) // 24, (y1 - 1) // 24) == cell, (i, sh)  # inside one cell
+            assert cell not in seen
+            seen.add(cell)
+            radii.append(sh.r)
+        cells |= seen
+    assert len(cells) == 16 and max(radii) - min(radii) > 1.5
+    with pytest.raises(ValueError, match="layout"):
+        syn.make_scene(0, layout="spiral")
 
 
 def _changed(scene):

@@ -10,9 +10,11 @@ chat_template.jinja: what `vipllava_jax.processing.Processor.from_pretrained`, `
 and transformers' `AutoProcessor` / `VipLlavaForConditionalGeneration.from_pretrained` read. `vipllava-jax train
 --stage all` then trains it from scratch (train/train_demo.py runs the whole recipe).
 
-The model (`DEMO_MODEL`): 112 px images, 16 px patches (49 image tokens); CLIP tower 128 wide x 3 layers
-(4 heads, MLP 512); projector on the concatenated last two tower layers (`vision_feature_layers` [-2, -1]);
-Llama decoder 128 wide x 3 layers (4 heads of 32, MLP 384), vocabulary 384.
+The model (`DEMO_MODEL`): 96 px images, 24 px patches (16 image tokens: the 4 x 4 grid that
+`synthetic.DEMO_SCENE` places its shapes on, one shape within a patch); CLIP tower 128 wide x 3 layers (4 heads,
+MLP 512, CLIP's init); projector on the concatenated last two tower layers (`vision_feature_layers` [-2, -1]);
+Llama decoder 128 wide x 3 layers (4 heads of 32, MLP 384), vocabulary 384, initialised with std 0.08 (about
+1/sqrt(width); HF's default 0.02 is meant for wide models).
 
 The tokenizer (`build_tokenizer`): byte-free BPE over printable ASCII (every character is a token, so any
 text encodes), with Llama-style Metaspace pre-tokenization ("▁" for a space, no prefix space added) and merges
@@ -31,11 +33,12 @@ from pathlib import Path
 # The demo model. Sizes were chosen by measuring accuracy against training time on a 2-core CPU
 # (see train/configs/demo.yaml).
 DEMO_MODEL = dict(
-    image_size=112, patch_size=16,
+    image_size=96, patch_size=24,
     vision_hidden=128, vision_layers=3, vision_heads=4, vision_mlp=512,
     vision_feature_layers=(-2, -1),
     text_hidden=128, text_layers=3, text_heads=4, text_kv_heads=4, text_mlp=384,
     vocab_size=384, max_position_embeddings=256,
+    text_init_std=0.08,
 )
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
@@ -133,7 +136,7 @@ def demo_hf_config(**overrides):
                      num_hidden_layers=m["text_layers"], num_attention_heads=m["text_heads"],
                      num_key_value_heads=m["text_kv_heads"], max_position_embeddings=m["max_position_embeddings"],
                      rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
-                     eos_token_id=EOS_ID)
+                     eos_token_id=EOS_ID, initializer_range=m["text_init_std"])
     n_img = (m["image_size"] // m["patch_size"]) ** 2
     return VipLlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_ID,
                           vision_feature_layers=list(m["vision_feature_layers"]), image_seq_length=n_img,

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "train"))
 
 DEFAULT_CONFIG = REPO / "train" / "configs" / "demo.yaml"
-N_TRAIN = 6000
+N_TRAIN = 20000
 QUESTIONS_PER_SCENE = 3  # more answers per image forward: the task is learned in fewer steps
 SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
@@ -48,14 +48,16 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 
 def make_data(work: Path, n_train: int, questions_per_scene: int) -> Path:
     from vipllava_jax import demo
-    from vipllava_jax.synthetic import write_dataset
+    from vipllava_jax.synthetic import DEMO_SCENE, write_dataset
     data = work / "data"
     path, made = data / "train.json", data / "made_with.json"
-    settings = {"n_train": n_train, "questions_per_scene": questions_per_scene, "seed": demo.TRAIN_SEED}
+    settings = {"n_train": n_train, "questions_per_scene": questions_per_scene, "seed": demo.TRAIN_SEED,
+                "scene": {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO_SCENE.items()}}
     if path.is_file() and made.is_file() and json.loads(made.read_text()) == settings:
         return path
     path = write_dataset(data, n_train, seed=demo.TRAIN_SEED, pre_marked=True, json_name="train.json",
-                         id_prefix="train", questions_per_scene=questions_per_scene, list_shapes=True)
+                         id_prefix="train", questions_per_scene=questions_per_scene, list_shapes=True,
+                         **DEMO_SCENE)
     made.write_text(json.dumps(settings))
     return path
 
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
 
     from make_demo_model import make_demo_model
     from vipllava_jax import demo
+    from vipllava_jax.cli.demo import SHIPPED_MODEL_DIR
     from vipllava_jax.training import TrainConfig, train
     from vipllava_jax.training.config import read_config_file
 
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
                                                    "chance": res["chance"], "n": res["n"], **times,
                                                    "total_s": total, "config": cfg.to_dict()}, indent=2))
     if a.install:
-        install(hf, Path(demo.__file__).parent / "assets" / "demo_model")
+        install(hf, SHIPPED_MODEL_DIR)
         print(f"installed into {demo.demo_model_path()}")
     return 0
 

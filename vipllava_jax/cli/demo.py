@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from ..checkpoints.load import load_pretrained
 from ..data.processor import Processor
 from ..data.prompts import build_prompt
-from ..data.synthetic import QUESTION_TYPES, chance_accuracy, make_scene, write_dataset
+from ..data.synthetic import DEMO_SCENE, QUESTION_TYPES, chance_accuracy, make_scene, write_dataset
 from ..generation.api import generate_stream
 from ..generation.evaluation import evaluate, score_answer, stop_for_template
 from . import selfcheck
@@ -64,7 +64,7 @@ def demo_model_path() -> Path:
 
 def write_heldout(out_dir, n: int = N_HELDOUT) -> Path:
     """Write the first `n` held-out scenes (pre-marked; scenes (HELDOUT_SEED, i)) to out_dir; returns the JSON."""
-    return write_dataset(out_dir, n, seed=HELDOUT_SEED, pre_marked=True, id_prefix="heldout")
+    return write_dataset(out_dir, n, seed=HELDOUT_SEED, pre_marked=True, id_prefix="heldout", **DEMO_SCENE)
 
 
 def _load(model):
@@ -109,7 +109,7 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
     """Show the demo model at work, in a few lines written with `stream` (a print-like callable; the answer is
     written piece by piece with ``end=""``):
 
-    1. the model, and a fresh scene `synthetic.make_scene(seed)` (a few shapes, one marked with one of the
+    1. the model, and a fresh scene `synthetic.make_scene(seed, **DEMO_SCENE)` (a few shapes, one marked with one of the
        eight visual prompts), its marked image saved to `out_image` (default: vipllava-demo-<seed>.png in the
        temp directory);
     2. the question, the answer streamed as it is generated (`generate_stream`), and the right answer beside it;
@@ -128,7 +128,7 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
     stream(f"Model: {name} ({n_params / 1e6:.1f}M parameters, trained from scratch by vipllava-jax train "
            f"on synthetic visual-prompt scenes)")
 
-    scene = make_scene(int(seed))
+    scene = make_scene(int(seed), **DEMO_SCENE)
     out_image = Path(out_image) if out_image is not None else \
         Path(tempfile.gettempdir()) / f"vipllava-demo-{int(seed)}.png"
     if out_image.parent and not out_image.parent.exists():

@@ -52,7 +52,7 @@ from . import visual_prompts as vp
 
 __all__ = [
     "SHAPES", "SHAPE_COLORS", "QUESTION_TYPES", "EXTRA_QUESTION_TYPES", "ALL_QUESTION_TYPES", "MARKER_KINDS", "Shape", "Scene", "make_scene", "render", "write_dataset",
-    "answer_vocabulary", "chance_accuracy", "QUESTION_TEMPLATES",
+    "answer_vocabulary", "chance_accuracy", "QUESTION_TEMPLATES", "DEMO_SCENE",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
@@ -66,6 +66,9 @@ QUESTION_TYPES = ("shape", "color", "count", "left_right")  # the default mix (t
 EXTRA_QUESTION_TYPES = ("above_below",)  # defined, asked only when named
 ALL_QUESTION_TYPES = QUESTION_TYPES + EXTRA_QUESTION_TYPES
 MARKER_KINDS = vp.MARKER_KINDS
+# The demo model's scenes (`make_scene(seed, **DEMO_SCENE)`): 96 px squares, 3-4 shapes in distinct cells of a
+# 4 x 4 grid, the demo model's 24 px patch grid, so each shape lies within one patch.
+DEMO_SCENE: dict[str, Any] = {"size": (96, 96), "num_shapes": (3, 4), "layout": "grid", "grid": 4}
 COUNT_ANSWERS = ("1", "2", "3")
 SIDES = ("left", "right")
 VERTICAL_SIDES = ("above", "below")
@@ -341,6 +344,23 @@ def _place(rng, n: int, area: tuple[float, float, float, float], side: float) ->
     raise _Retry("cannot place the shapes")
 
 
+def _place_grid(rng, n: int, area: tuple[float, float, float, float], grid: int) -> list[tuple[float, float, float]]:
+    """n (cx, cy, r) in n distinct random cells of a grid x grid layout of `area`: radius 0.3-0.4 of a cell,
+    centre jittered, each shape inside its own cell (so shapes never touch). With the grid equal to a vision
+    tower's patch grid every shape lies within one patch: what the demo model sees best."""
+    if n > grid * grid:
+        raise ValueError(f"{n} shapes do not fit a {grid}x{grid} grid")
+    x0, y0, x1, y1 = area
+    cw, ch = (x1 - x0) / grid, (y1 - y0) / grid
+    out = []
+    for c in rng.permutation(grid * grid)[:n]:
+        r = float(rng.uniform(0.3, 0.4)) * min(cw, ch)
+        room = 0.5 * max(0.0, 0.5 * min(cw, ch) - 1.1 * r - 1.0)
+        jx, jy = rng.uniform(-room, room, size=2)
+        out.append((x0 + (c % grid + 0.5) * cw + float(jx), y0 + (c // grid + 0.5) * ch + float(jy), r))
+    return out
+
+
 def _dilate(a: np.ndarray, k: int) -> np.ndarray:
     for _ in range(k):
         p = np.pad(a, 1)
@@ -473,7 +493,7 @@ def make_scene(seed, *, question_type: str | None = None, marker_kind: str | Non
                size: tuple[int, int] | None = None, min_size: int = 96, max_size: int = 192,
                square_probability: float = 0.5, noise_probability: float = 0.5,
                named_color_probability: float = 1.0, num_shapes: tuple[int, int] = (3, 5),
-               crop_safe: bool = True) -> Scene:
+               crop_safe: bool = True, layout: str = "free", grid: int = 4) -> Scene:
     """One scene, a pure function of `seed` (an int or a sequence of ints) and the options.
 
     question_type / marker_kind: fixed, or None to draw from `question_types` / `marker_kinds`.
@@ -483,6 +503,8 @@ def make_scene(seed, *, question_type: str | None = None, marker_kind: str | Non
       otherwise an unnamed RGB colour and a phrase without a colour word, as half of training's.
     num_shapes: (min, max) shapes in the scene (3-5 by default; at least 3).
     crop_safe: keep shapes and marker inside the centred square HF's centre crop keeps.
+    layout: "free" (random places, apart from each other) or "grid" (random distinct cells of a grid x grid
+      layout of the kept square, centres jittered, radius 0.3-0.4 of a cell; `DEMO_SCENE` uses it).
     """
     rng = _rng(seed)
     qtype = question_type or question_types[int(rng.integers(len(question_types)))]
@@ -491,6 +513,8 @@ def make_scene(seed, *, question_type: str | None = None, marker_kind: str | Non
         raise ValueError(f"unknown question type {qtype!r}: use one of {', '.join(ALL_QUESTION_TYPES)}")
     if kind not in MARKER_KINDS:
         raise ValueError(f"unknown marker kind {kind!r}: use one of {', '.join(MARKER_KINDS)}")
+    if layout not in ("free", "grid"):
+        raise ValueError(f"layout must be 'free' or 'grid', got {layout!r}")
     lo_n, hi_n = num_shapes
     if lo_n < 3 or hi_n < lo_n:
         raise ValueError(f"num_shapes must be (min, max) with 3 <= min <= max, got {num_shapes}")
@@ -503,14 +527,15 @@ def make_scene(seed, *, question_type: str | None = None, marker_kind: str | Non
     for _ in range(100):
         try:
             return _try_scene(rng, qtype, kind, answer, count_of, size, min_size, max_size, square_probability,
-                              noise_probability, named_color_probability, lo_n, hi_n, crop_safe, seed)
+                              noise_probability, named_color_probability, lo_n, hi_n, crop_safe, seed,
+                              grid if layout == "grid" else None)
         except _Retry:
             continue
     raise RuntimeError(f"could not build a {qtype} scene with a {kind} marker for seed {seed!r}")
 
 
 def _try_scene(rng, qtype, kind, answer, count_of, size, min_size, max_size, square_probability, noise_probability,
-               named_color_probability, lo_n, hi_n, crop_safe, seed) -> Scene:
+               named_color_probability, lo_n, hi_n, crop_safe, seed, grid=None) -> Scene:
     w, h = size if size is not None else _image_size(rng, min_size, max_size, square_probability)
     area = vp.kept_region((w, h)) if crop_safe else (0.0, 0.0, float(w), float(h))
     side = min(area[2] - area[0], area[3] - area[1])
@@ -518,7 +543,7 @@ def _try_scene(rng, qtype, kind, answer, count_of, size, min_size, max_size, squ
         lo_n = max(lo_n, int(answer) + 1)
     n = int(rng.integers(lo_n, hi_n + 1))
     kinds, colors, target = _attributes(rng, qtype, n, answer, count_of)
-    spots = _place(rng, n, area, side)
+    spots = _place(rng, n, area, side) if grid is None else _place_grid(rng, n, area, grid)
     shapes = [Shape(k, c, x, y, r) for k, c, (x, y, r) in zip(kinds, colors, spots)]
     reference = None
     if qtype in ("left_right", "above_below"):
