@@ -9,9 +9,9 @@ a marked object in a fresh synthetic scene; then its accuracy on held-out scenes
 The model (`demo_model_path()`, ``vipllava_jax/assets/demo_model``: config.json, model.safetensors, tokenizer
 and processor files, an HF directory that `load_pretrained` and transformers read) is a small VipLlava (CLIP
 tower + Llama decoder, a word-level BPE tokenizer) trained with ``vipllava-jax train --stage all`` on
-`vipllava_jax.synthetic` scenes (train/train_demo.py and train/configs/demo.yaml retrain it). It was trained on
-scenes ``(TRAIN_SEED, i)``; the held-out scenes are ``(HELDOUT_SEED, i)`` and a demo scene is
-``make_scene(seed)`` for an integer seed: three disjoint families of seeds.
+`vipllava_jax.synthetic` scenes drawn with `DEMO_SCENE` (train/train_demo.py and train/configs/demo.yaml retrain
+it). It was trained on scenes ``(TRAIN_SEED, i)``; the held-out scenes are ``(HELDOUT_SEED, i)`` and a demo scene
+is ``make_scene(seed, **DEMO_SCENE)`` for an integer seed: three disjoint families of seeds.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from . import selfcheck
 __all__ = ["demo_model_path", "run_demo", "heldout_accuracy", "write_heldout", "format_accuracy",
            "TRAIN_SEED", "HELDOUT_SEED", "N_HELDOUT", "DEMO_TEMPLATE", "DEMO_SYSTEM_PROMPT"]
 
-TRAIN_SEED = 0  # training scenes: synthetic.make_scene((TRAIN_SEED, i))
-HELDOUT_SEED = 1  # held-out scenes: make_scene((HELDOUT_SEED, i)), i < N_HELDOUT
+TRAIN_SEED = 0  # training scenes: synthetic.make_scene((TRAIN_SEED, i), **DEMO_SCENE)
+HELDOUT_SEED = 1  # held-out scenes: make_scene((HELDOUT_SEED, i), **DEMO_SCENE), i < N_HELDOUT
 N_HELDOUT = 200
 # The prompt the demo model was trained with (train/configs/demo.yaml: template, system_prompt).
 DEMO_TEMPLATE = "llava_v1"
