@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vipllava_jax.cli.demo import shipped_model_available
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -34,8 +36,7 @@ FINETUNE_NOTEBOOK = ROOT / "notebooks" / "finetune_visual_prompts.ipynb"
 FINETUNE_TEST = {"n_train": 600, "n_eval": 60, "steps": 150}  # the notebook's own: 2000, 100, 400
 
 
-@pytest.mark.skipif(not (ROOT / "vipllava_jax" / "assets" / "demo_model" / "config.json").is_file(),
-                    reason="no trained demo model is shipped")
+@pytest.mark.skipif(not shipped_model_available(), reason="no trained demo model is shipped")
 def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypatch):
     """notebooks/finetune_visual_prompts.ipynb top to bottom on fewer scenes and steps: the shipped demo model,
     fine-tuned on above/below questions it never saw, answers them far better after than before."""

@@ -25,7 +25,6 @@ answers, the chat templates), so each of those words is one token and a question
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
