@@ -268,3 +268,62 @@ def test_above_below_is_an_extra_type():
     assert set(answers) == {"above", "below"}
     with pytest.raises(ValueError, match="above_below"):
         syn.make_scene(0, question_type="up_down")
+
+
+def test_training_turns_more_questions_and_the_marked_list(tmp_path):
+    """questions_per_scene / list_shapes / mark_listed: every extra answer is right for the scene's shapes, and
+    the list names every shape left to right with the tag after the marked one only."""
+    path = syn.write_dataset(tmp_path, 24, seed=5, questions_per_scene=3, list_shapes=True, mark_listed=True,
+                             **syn.DEMO_SCENE)
+    for r in json.loads(path.read_text()):
+        m, conv = r["metadata"], r["conversations"]
+        shapes = [syn.Shape.from_dict(d) for d in m["shapes"]]
+        t = shapes[m["target"]]
+        assert len(conv) == 8 and conv[-2]["value"] == syn.LIST_QUESTION
+        for q, a in zip(conv[2:-2:2], conv[3:-2:2]):
+            assert m["marker_phrase"] in q["value"]
+            if q["value"].startswith("What shape"):
+                assert a["value"] == t.kind
+            elif q["value"].startswith("What colour"):
+                assert a["value"] == t.color
+            else:
+                field = "color" if "same colour" in q["value"] else "kind"
+                assert a["value"] == str(sum(getattr(s, field) == getattr(t, field) for s in shapes))
+        items = conv[-1]["value"].split(", ")
+        left_to_right = sorted(range(len(shapes)), key=lambda i: shapes[i].cx)
+        assert items == [shapes[i].description + (" " + syn.MARKED_TAG if i == m["target"] else "")
+                         for i in left_to_right]
+    plain = syn.write_dataset(tmp_path / "plain", 4, seed=5, list_shapes=True, **syn.DEMO_SCENE)
+    assert all(syn.MARKED_TAG not in r["conversations"][-1]["value"] for r in json.loads(plain.read_text()))
+    with pytest.raises(ValueError, match="list_shapes"):
+        syn.write_dataset(tmp_path / "bad", 1, mark_listed=True)
+
+
+def test_balance_counts(tmp_path):
+    """balance_counts: the more questions ask counts first, and counts of 1 no longer dominate (without it, most
+    scenes' counts are 1: no other shape shares the marked one's colour or shape)."""
+    def count_answers(path):
+        out = collections.Counter()
+        for r in json.loads(path.read_text()):
+            for q, a in zip(r["conversations"][0::2], r["conversations"][1::2]):
+                if q["value"].startswith("How many") or "\nHow many" in q["value"]:
+                    out[a["value"]] += 1
+        return out
+
+    kw = dict(questions_per_scene=3, list_shapes=True, mark_listed=True, **syn.DEMO_SCENE)
+    plain = count_answers(syn.write_dataset(tmp_path / "plain", 200, seed=3, **kw))
+    path = syn.write_dataset(tmp_path / "bal", 200, seed=3, balance_counts=True, **kw)
+    bal = count_answers(path)
+    assert plain["1"] / sum(plain.values()) > 0.6 and bal["1"] / sum(bal.values()) < 0.45
+    for r in json.loads(path.read_text()):
+        extra = [q["value"].startswith("How many") for q in r["conversations"][2:-2:2]]
+        assert extra == sorted(extra, reverse=True)  # counts before the other questions
+        m = r["metadata"]
+        shapes = [syn.Shape.from_dict(d) for d in m["shapes"]]
+        t = shapes[m["target"]]
+        asked = {q["value"] for q in r["conversations"][2:-2:2]}
+        for attr, field in (("colour", "color"), ("shape", "kind")):
+            n = sum(getattr(s, field) == getattr(t, field) for s in shapes)
+            q = f"How many shapes in the image have the same {attr} as the object {m['marker_phrase']}?"
+            if m["question_type"] != "count" and n in (2, 3):
+                assert q in asked  # a count other than 1 is always asked (two extra turns, at most two counts)

@@ -19,7 +19,7 @@ Llama decoder 128 wide x 3 layers (4 heads of 32, MLP 384), vocabulary 384, init
 The tokenizer (`build_tokenizer`): byte-free BPE over printable ASCII (every character is a token, so any
 text encodes), with Llama-style Metaspace pre-tokenization ("▁" for a space, no prefix space added) and merges
 trained with `tokenizers`' BpeTrainer on the synthetic task's text (questions with every marker phrase, the
-answers, the chat templates), so each of those words is one token and a question is ~20 tokens instead of
+shape-list question and its "(marked)" tag, the answers, the chat templates), so each of those words is one token and a question is ~20 tokens instead of
 ~80 characters. `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3, `<image>`=4; `<s>` prepended, padding on the left.
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ SPACE = "\u2581"  # "▁", SentencePiece's space
 
 def tokenizer_corpus() -> list[str]:
     """Text the tokenizer's merges are learned from: every synthetic question form (all templates, every marker
-    phrase, every reference shape), the answers and the chat-template words, each line as often as it is
+    phrase, every reference shape), the shape-list question and its marked tag, the answers and the chat-template
+    words, each line as often as it is
     likely in training (question forms once per phrase; the fixed words many times)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vipllava_jax import synthetic as syn
@@ -67,6 +68,8 @@ def tokenizer_corpus() -> list[str]:
                     q = q.replace("{ref}", refs[i % len(refs)])
                 lines.append(q)
     lines += [f"the {r}" for r in refs] * 2
+    # the shape-list turn of the training data: its question, and the marked shape's tag in its answer
+    lines += [syn.LIST_QUESTION] * 20 + [f"{r} {syn.MARKED_TAG}, {r} {syn.MARKED_TAG}" for r in refs]
     answers = syn.answer_vocabulary()
     lines += [" ".join(answers)] * 20
     lines += ["USER: ASSISTANT: ###Human: ###Assistant: What is in the image? Describe the object."] * 50

@@ -52,7 +52,7 @@ from . import visual_prompts as vp
 
 __all__ = [
     "SHAPES", "SHAPE_COLORS", "QUESTION_TYPES", "EXTRA_QUESTION_TYPES", "ALL_QUESTION_TYPES", "MARKER_KINDS", "Shape", "Scene", "make_scene", "render", "write_dataset",
-    "answer_vocabulary", "chance_accuracy", "QUESTION_TEMPLATES", "DEMO_SCENE",
+    "answer_vocabulary", "chance_accuracy", "QUESTION_TEMPLATES", "DEMO_SCENE", "LIST_QUESTION", "MARKED_TAG",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
@@ -76,6 +76,11 @@ VERTICAL_SIDES = ("above", "below")
 # A question without a marker, for training data: every shape named, left to right (`Scene.caption`). It teaches
 # the tower to see shapes and colours from many answer words per image (as LLaVA's stage 1 aligns on captions).
 LIST_QUESTION = "List the shapes from left to right."
+# Put after the marked shape in a marked list (`Scene.marked_caption`, `write_dataset(mark_listed=True)`): the
+# list then also says which shape the marker is on, a supervised word in every training example. (Short probes of
+# the demo model, 750 steps of a 1500-step schedule: 52% first-answer accuracy on held-out scenes with the tag,
+# 42% in an earlier probe without it whose grid scenes were drawn by a near-identical scratch generator.)
+MARKED_TAG = "(marked)"
 # <bbox> is the marker's phrase (visual_prompts.marker_phrase); {ref} names the reference shape.
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "shape": ("What shape is <bbox>?", "What is the shape of the object <bbox>?"),
@@ -85,6 +90,9 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "left_right": ("Is the object <bbox> left or right of the {ref}?",),
     "above_below": ("Is the object <bbox> above or below the {ref}?",),
 }
+
+
+_COUNT_TEMPLATES = QUESTION_TEMPLATES["count_color"] + QUESTION_TEMPLATES["count_shape"]
 
 
 def answer_vocabulary(question_type: str | None = None) -> list[str]:
@@ -261,6 +269,12 @@ class Scene:
     def caption(self) -> str:
         """Every shape, left to right: "black circle, green star, pink cross" (the answer to LIST_QUESTION)."""
         return ", ".join(s.description for s in sorted(self.shapes, key=lambda s: s.cx))
+
+    @property
+    def marked_caption(self) -> str:
+        """The caption with MARKED_TAG after the marked shape: "black circle, green star (marked), pink cross"."""
+        order = sorted(range(len(self.shapes)), key=lambda i: self.shapes[i].cx)
+        return ", ".join(self.shapes[i].description + (f" {MARKED_TAG}" if i == self.target else "") for i in order)
 
     def other_questions(self) -> list[tuple[str, str]]:
         """(question template with "<bbox>", answer) for the other questions this scene answers without doubt:
@@ -597,6 +611,14 @@ def _try_scene(rng, qtype, kind, answer, count_of, size, min_size, max_size, squ
 # Datasets
 # --------------------------------------------------------------------------------------------------------------
 
+def _balanced_counts(others: list[tuple[str, str]], rng) -> list[tuple[str, str]]:
+    """`write_dataset(balance_counts=True)`'s order of a scene's other questions: counts first (a count of 1
+    kept with probability 1/4), then the rest, each group in seeded order."""
+    counts = [qa for qa in others if qa[0] in _COUNT_TEMPLATES and (qa[1] != "1" or rng.random() < 0.25)]
+    rest = [qa for qa in others if qa[0] not in _COUNT_TEMPLATES]
+    return [counts[j] for j in rng.permutation(len(counts))] + [rest[j] for j in rng.permutation(len(rest))]
+
+
 def _schedule(rng, n: int, question_types, marker_kinds) -> list[tuple[str, str]]:
     """n (question type, marker kind) pairs: every combination equally often (seeded order), so short sets
     are balanced too."""
@@ -611,7 +633,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
                   marker_kinds: Sequence[str] = MARKER_KINDS, pre_marked: bool = True,
                   fix_marker_kind: bool = False, json_name: str = "data.json", image_dir: str = "images",
                   id_prefix: str = "synth", questions_per_scene: int = 1, list_shapes: bool = False,
-                  **scene_kw) -> Path:
+                  mark_listed: bool = False, balance_counts: bool = False, **scene_kw) -> Path:
     """Write `n` scenes: PNG images under out_dir/image_dir and a LLaVA-format JSON list out_dir/json_name
     (paths relative to out_dir, so pass out_dir as the image folder). Returns the JSON path.
 
@@ -622,8 +644,17 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
     questions_per_scene: ask up to this many questions of each scene, the scene's own first and then others
     it answers (`Scene.other_questions`, seeded order): more supervised answers per image for training.
     list_shapes: end each conversation with LIST_QUESTION and the scene's caption (training data).
+    mark_listed: that caption tags the marked shape (`Scene.marked_caption`): a supervised word on where the
+      marker is, beside the shape it marks, in every example (the demo recipe learns the task in fewer steps).
+    balance_counts: the more questions are the count ones first (then the rest, seeded order), and a count whose
+      answer is 1 is kept only a quarter of the time: in most scenes no other shape shares the marked one's colour
+      or shape, so without this the counts asked would be mostly 1, unlike the held-out count questions (1-3
+      evenly); a scene may then have fewer than questions_per_scene questions. With the marked list telling the
+      marked shape's kind and colour, counting is what most needs the extra questions.
     `scene_kw`: more `make_scene` options (size, noise_probability, named_color_probability, ...).
     """
+    if mark_listed and not list_shapes:
+        raise ValueError("mark_listed=True tags the shape list: give list_shapes=True too")
     if not isinstance(questions_per_scene, int) or questions_per_scene < 1:
         raise ValueError(f"questions_per_scene must be a positive integer, got {questions_per_scene!r}")
     for q in question_types:
@@ -644,10 +675,14 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
         more = []
         if questions_per_scene > 1:
             others = scene.other_questions()
-            order = np.random.default_rng([int(seed), i, 7]).permutation(len(others))
+            rng_more = np.random.default_rng([int(seed), i, 7])
+            order = rng_more.permutation(len(others))
+            if balance_counts:
+                others = _balanced_counts(others, rng_more)
+                order = range(len(others))
             more = [others[j] for j in order[:questions_per_scene - 1]]
         if list_shapes:
-            more.append((LIST_QUESTION, scene.caption))
+            more.append((LIST_QUESTION, scene.marked_caption if mark_listed else scene.caption))
         records.append(scene.record(f"{id_prefix}-{seed}-{i:06d}", rel, pre_marked=pre_marked,
                                     fix_marker_kind=fix_marker_kind, more_questions=more))
     path = out / json_name
