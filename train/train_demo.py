@@ -20,7 +20,7 @@ Measured (2026-12-02, 2-core CPU, train/configs/demo.yaml, 12000 `DEMO_SCENE` sc
 more (counts first, `balance_counts`) and the shape list with the marked one tagged (`mark_listed`)): data 41 s,
 3600 steps in 1626 s, 84.0% exact match on the 200 held-out scenes against 29% chance (colour 90%, count 50%,
 left/right 100%, shape 96%); that model ships. The aim is 90% within 15 minutes; not met. The same data with
-lr 5e-4 and 2000 steps (1006 s in all) gave 67.0% (count 34%, left/right 61%).
+lr 5e-4, 2000 steps and max_length 128 (1006 s in all) gave 67.0% (count 34%, left/right 61%).
 What mattered (short probes, first-answer-token accuracy on 256 held-out scenes): lr 3e-4 instead of 1e-3 (at
 1e-3 a colour-only task with a point marker stayed at the answer prior for 1000 steps; at 3e-4 it reached 79% by
 step 750); several questions and the shape list per image (one question per image stayed at chance for 1500
