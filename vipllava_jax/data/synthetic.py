@@ -268,13 +268,17 @@ class Scene:
     @property
     def caption(self) -> str:
         """Every shape, left to right: "black circle, green star, pink cross" (the answer to LIST_QUESTION)."""
-        return ", ".join(s.description for s in sorted(self.shapes, key=lambda s: s.cx))
+        return self._listed(tag_target=False)
 
     @property
     def marked_caption(self) -> str:
         """The caption with MARKED_TAG after the marked shape: "black circle, green star (marked), pink cross"."""
+        return self._listed(tag_target=True)
+
+    def _listed(self, tag_target: bool) -> str:
         order = sorted(range(len(self.shapes)), key=lambda i: self.shapes[i].cx)
-        return ", ".join(self.shapes[i].description + (f" {MARKED_TAG}" if i == self.target else "") for i in order)
+        return ", ".join(self.shapes[i].description + (f" {MARKED_TAG}" if tag_target and i == self.target else "")
+                         for i in order)
 
     def other_questions(self) -> list[tuple[str, str]]:
         """(question template with "<bbox>", answer) for the other questions this scene answers without doubt:
@@ -676,7 +680,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
         if questions_per_scene > 1:
             others = scene.other_questions()
             rng_more = np.random.default_rng([int(seed), i, 7])
-            order = rng_more.permutation(len(others))
+            order = rng_more.permutation(len(others))  # drawn either way: balance_counts's draws come after it
             if balance_counts:
                 others = _balanced_counts(others, rng_more)
                 order = range(len(others))
