@@ -15,6 +15,7 @@ from vipllava_jax import visual_prompts as vp
 from vipllava_jax.processing import ImageConfig, Processor, build_prompt
 from vipllava_jax.tiny_tokenizer import make_tiny_processor
 from vipllava_jax.training import data as D
+from vipllava_jax.training.config import TrainConfig
 
 SYS = "Sys."  # a short system text keeps the char-level sequences short
 SEQ = 25  # the tiny processor's image tokens per image
@@ -424,6 +425,60 @@ def test_worker_processes_give_the_same_batches(env):
     it2.close()
 
 
+def _varied_records(n=24):
+    """Text-only records of many lengths (question i has 3 * (i % 8) characters more)."""
+    return [{"id": f"g{i}", "conversations": conv(("Q" + "x" * (3 * (i % 8)), f"answer {i}"))} for i in range(n)]
+
+
+def test_group_by_length_sorts_within_groups_and_keeps_the_stream(env):
+    recs = _varied_records()
+    lengths = [len(encode(env, r, cfg(max_length=128)).input_ids) for r in recs]
+    assert max(lengths) - min(lengths) >= 16
+    # a bucket for every length: a batch is padded to its longest row only
+    plain = cfg(batch_size=4, max_length=128, length_buckets=tuple(range(min(lengths), max(lengths) + 1)) + (128,))
+    grouped = dataclasses.replace(plain, group_by_length=3)
+    ref = list(D.make_train_iterator(recs, env.proc, plain, num_epochs=2))
+    got = list(D.make_train_iterator(recs, env.proc, grouped, num_epochs=2))
+    assert len(got) == len(ref) == 12
+    for g in range(0, 12, 3):  # each group: the same 12 examples as the same 3 plain batches, sorted by length
+        ref_ans = sorted(a for b in ref[g:g + 3] for a in _answers(env, b))
+        got_ans = sorted(a for b in got[g:g + 3] for a in _answers(env, b))
+        assert got_ans == ref_ans
+        spans = sorted((int(b["attention_mask"].sum(1).min()), int(b["attention_mask"].sum(1).max()))
+                       for b in got[g:g + 3])
+        assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # no overlap between the batches
+    pad = lambda bs: sum(b["input_ids"].size - int(b["attention_mask"].sum()) for b in bs)  # noqa: E731
+    assert pad(got) < pad(ref)
+    again = list(D.make_train_iterator(recs, env.proc, grouped, num_epochs=2))
+    for a, b in zip(got, again):  # seeded
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    # a stream that ends inside a group: what is left is sorted and yielded, nothing lost
+    short = list(D.make_train_iterator(recs[:10], env.proc, grouped, num_epochs=1))
+    assert sorted(a for b in short for a in _answers(env, b)) == sorted(f"answer {i}" for i in range(10))
+
+
+@pytest.mark.parametrize("after", [1, 2, 3, 4])  # inside the first group, at its end, inside the second
+def test_group_by_length_state_restore_is_exact(env, after):
+    recs = _varied_records(14)
+    c = cfg(batch_size=2, max_length=128, group_by_length=3, length_buckets=(48, 56, 64, 72, 80, 128))
+    mk = lambda: D.make_train_iterator(recs, env.proc, c)  # noqa: E731
+    it = mk()
+    for _ in range(after):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    rest = [next(it) for _ in range(9)]  # crosses into epoch 2 (14 records, 2 a batch)
+    it2 = mk()
+    it2.set_state(state)
+    again = [next(it2) for _ in range(9)]
+    for a, b in zip(rest, again):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert it2.stats() == it.stats()
+    plain = D.make_train_iterator(recs, env.proc, dataclasses.replace(c, group_by_length=0))
+    with pytest.raises(ValueError, match="group_by_length"):
+        plain.set_state(state)
+
+
 # --- records and config ----------------------------------------------------------------------------------------
 
 def test_load_records_json_and_jsonl(tmp_path):
@@ -451,3 +506,13 @@ def test_config_from_train_and_resolve(env):
         D.DataConfig(marker_kinds=("star",))
     with pytest.raises(ValueError, match="template"):
         D.DataConfig(template="chatml")
+    c = D.DataConfig.from_train(TrainConfig(model="m", data="d", output="o", max_length=112,
+                                            length_buckets="64,96,112", group_by_length=16, batch_size=32))
+    assert (c.lengths, c.group_by_length, c.batch_size) == ((64, 96, 112), 16, 32)
+    assert TrainConfig(length_buckets=[64, 128], max_length=128).length_buckets == (64, 128)
+    for bad, msg in (({"length_buckets": "64,96"}, "must reach max_length"), ({"length_buckets": "64,x,112"}, "positive"),
+                     ({"group_by_length": -1}, "group_by_length"), ({"group_by_length": 2.5}, "group_by_length")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(max_length=112, **bad)
+        with pytest.raises(ValueError, match=msg):
+            D.DataConfig(max_length=112, **bad)

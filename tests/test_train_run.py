@@ -158,10 +158,11 @@ def test_cli_config_file_and_flag_override(env, tmp_path, capsys):
     cfg.write_text(f"stage: projector\nmax_steps: 2\nbatch-size: 4\nlr: 1.0e-3\nmax_length: 256\nsystem_prompt: ''\n"
                    f"model: {model}\ndata: {data}\nimage_folder: {root / 'images'}\n")
     rc = cli_main(["train", "--config", str(cfg), "--output", str(tmp_path / "o"), "--max-steps", "3",
-                   "--no-progress"])
+                   "--no-progress", "--length-buckets", "128,192,256", "--group-by-length", "2"])
     assert rc == 0
     saved = json.loads((tmp_path / "o" / "train_config.json").read_text())
     assert saved["max_steps"] == 3 and saved["stage"] == "projector" and saved["batch_size"] == 4
+    assert saved["length_buckets"] == [128, 192, 256] and saved["group_by_length"] == 2
     assert sorted(losses(tmp_path / "o")) == [1, 2, 3]
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: projector\nlearning_rate: 1\n")

@@ -34,6 +34,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     max_length: int = 2048
+    length_buckets: tuple[int, ...] | None = None  # None: powers of two from 64, and max_length
+    group_by_length: int = 0  # k > 1: batches from k batches' examples sorted by length (less padding)
     template: str = "llava_v1"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     pad_to_square: bool = False
@@ -60,12 +62,24 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for f in ("marker_kinds", "lora_targets"):
+        for f in ("marker_kinds", "lora_targets", "length_buckets"):
             v = getattr(self, f)
             if isinstance(v, str):
-                object.__setattr__(self, f, tuple(s.strip() for s in v.split(",") if s.strip()))
+                v = tuple(s.strip() for s in v.split(",") if s.strip())
+                if f == "length_buckets":
+                    v = tuple(int(x) if x.isdigit() else x for x in v)
+                object.__setattr__(self, f, v)
             elif isinstance(v, list):
                 object.__setattr__(self, f, tuple(v))
+        if self.length_buckets is not None:
+            bad = [b for b in self.length_buckets if not isinstance(b, int) or isinstance(b, bool) or b < 1]
+            if bad or not self.length_buckets:
+                raise ValueError(f"length_buckets must be positive integers, got {list(self.length_buckets)}")
+            if max(self.length_buckets) < self.max_length:
+                raise ValueError(f"length_buckets {list(self.length_buckets)} must reach max_length {self.max_length}")
+        if not isinstance(self.group_by_length, int) or isinstance(self.group_by_length, bool) \
+                or self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be a non-negative integer, got {self.group_by_length!r}")
         if self.stage not in STAGES:
             raise ValueError(f"Unknown stage {self.stage!r}; choose from {list(STAGES)}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -151,6 +151,10 @@ class DataConfig:
     system_prompt: the system text of the template.
     check_tokenization: compare the piecewise ids with whole-string tokenization (a mismatch is a DataError).
     shuffle: shuffle the records (per epoch, seeded); make_eval_iterator never shuffles.
+    group_by_length: k > 1 reads k batches' examples at a time (a run of the shuffled stream), sorts them by
+      length and yields them as k batches in a seeded order (Hugging Face's group_by_length with mega-batches):
+      rows of a batch have similar lengths, so with fine `length_buckets` far less of T is padding. Batches
+      then mix less across lengths. 0 or 1: off. make_eval_iterator never groups.
     """
     template: str = "llava_v1"
     max_length: int = 2048
@@ -168,6 +172,7 @@ class DataConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     check_tokenization: bool = True
     shuffle: bool = True
+    group_by_length: int = 0
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -176,6 +181,8 @@ class DataConfig:
             v = getattr(self, f)
             if isinstance(v, str):
                 v = [s.strip() for s in v.split(",") if s.strip()]
+                if f != "marker_kinds":
+                    v = [int(x) if x.isdigit() else x for x in v]
             if v is not None:
                 object.__setattr__(self, f, tuple(v))
         if self.marker_kinds is not None:
@@ -184,6 +191,13 @@ class DataConfig:
                 raise ValueError(f"unknown marker kinds {bad or '(none given)'}: use {', '.join(vp.MARKER_KINDS)}")
         if self.max_length < 1 or self.batch_size < 1 or self.max_images_per_example < 0:
             raise ValueError("max_length and batch_size must be >= 1, max_images_per_example >= 0")
+        if not isinstance(self.group_by_length, int) or isinstance(self.group_by_length, bool) \
+                or self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be a non-negative integer, got {self.group_by_length!r}")
+        if self.length_buckets is not None:
+            bad = [b for b in self.length_buckets if not isinstance(b, int) or isinstance(b, bool) or b < 1]
+            if bad:
+                raise ValueError(f"length_buckets must be positive integers, got {list(self.length_buckets)}")
         if self.length_buckets is not None and max(self.length_buckets) < self.max_length:
             raise ValueError(f"length_buckets {self.length_buckets} must reach max_length {self.max_length}")
 
@@ -626,7 +640,7 @@ class DataIterator:
     """
 
     def __init__(self, dataset: grain.IterDataset, cfg: DataConfig, batch_size: int, image_shape,
-                 num_batches: int | None = None):
+                 num_batches: int | None = None, group: int = 0):
         self._ds, self._cfg, self._b, self._image_shape = dataset, cfg, batch_size, image_shape
         self._it = iter(dataset)
         self._num_batches = num_batches  # eval: exactly this many batches (padding batches at the end)
@@ -634,15 +648,22 @@ class DataIterator:
         self._stats["epoch"] = 0
         self._last_skips: list[str] = []
         self._exhausted = False
+        # group_by_length: the batches of the current group not yet yielded, and what get_state needs to
+        # rebuild the group exactly (grain's state and our counters before it was read, and how many of its
+        # batches were already yielded): a group is re-read and re-sorted rather than saved.
+        self._group = group if group > 1 else 0
+        self._pending: list[list[Example]] = []
+        self._group_start: dict | None = None
+        self._group_index = 0
+        self._yielded = 0
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._num_batches is not None and self._stats["batches"] >= self._num_batches:
-            raise StopIteration
+    def _read(self, n: int) -> list[Example]:
+        """Up to n examples from the stream (skips counted), fewer only at its end."""
         examples: list[Example] = []
-        while len(examples) < self._b and not self._exhausted:
+        while len(examples) < n and not self._exhausted:
             try:
                 item = next(self._it)
             except StopIteration:
@@ -657,6 +678,31 @@ class DataIterator:
                 continue
             self._stats["truncated"] += int(item.truncated)
             examples.append(item)
+        return examples
+
+    def _read_group(self) -> None:
+        """Read the next group_by_length x B examples, sort them by length (stable: ties keep stream order)
+        and queue them as batches in an order drawn from (seed, group index)."""
+        self._group_start = {"grain": self._it.get_state(), "stats": dict(self._stats),
+                             "last_skips": list(self._last_skips), "exhausted": self._exhausted,
+                             "group_index": self._group_index}
+        examples = sorted(self._read(self._group * self._b), key=lambda e: len(e.input_ids))
+        chunks = [examples[i:i + self._b] for i in range(0, len(examples), self._b)]
+        order = np.random.default_rng([self._cfg.seed, self._group_index]).permutation(len(chunks))
+        self._pending = [chunks[i] for i in order]
+        self._group_index += 1
+        self._yielded = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._num_batches is not None and self._stats["batches"] >= self._num_batches:
+            raise StopIteration
+        if self._group:
+            if not self._pending:
+                self._read_group()
+            examples = self._pending.pop(0) if self._pending else []
+            self._yielded += 1
+        else:
+            examples = self._read(self._b)
         if not examples and (self._num_batches is None or self._stats["batches"] >= self._num_batches):
             raise StopIteration
         self._stats["batches"] += 1
@@ -664,12 +710,35 @@ class DataIterator:
         return collate(examples, self._cfg, self._b, self._image_shape)
 
     def get_state(self) -> dict:
-        return {"grain": self._it.get_state(), "stats": dict(self._stats), "exhausted": self._exhausted}
+        if self._group and self._pending:
+            start = self._group_start
+            return {"grain": start["grain"], "stats": start["stats"], "exhausted": start["exhausted"],
+                    "group": {"index": start["group_index"], "yielded": self._yielded,
+                              "last_skips": start["last_skips"]}}
+        state = {"grain": self._it.get_state(), "stats": dict(self._stats), "exhausted": self._exhausted}
+        if self._group:
+            state["group"] = {"index": self._group_index, "yielded": 0, "last_skips": list(self._last_skips)}
+        return state
 
     def set_state(self, state: dict) -> None:
+        group = state.get("group")
+        if bool(group) != bool(self._group):
+            raise ValueError("this data state was saved with group_by_length "
+                             f"{'on' if group else 'off'}; the iterator has it {'on' if self._group else 'off'}")
         self._it.set_state(state["grain"])
         self._stats = {**{k: 0 for k in STAT_KEYS}, "epoch": 0, **state.get("stats", {})}
         self._exhausted = bool(state.get("exhausted", False))
+        self._pending, self._yielded = [], 0
+        if group:
+            self._group_index = int(group["index"])
+            self._last_skips = list(group.get("last_skips", []))
+            if group["yielded"]:  # the save fell inside a group: read it again and skip what was yielded
+                self._read_group()
+                for _ in range(int(group["yielded"])):
+                    examples = self._pending.pop(0)
+                    self._yielded += 1
+                    self._stats["batches"] += 1
+                    self._stats["examples"] += len(examples)
 
     def close(self) -> None:
         """Stop grain's worker processes / threads now (otherwise they stop when the iterator is collected)."""
@@ -777,6 +846,8 @@ def make_train_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, 
     batch_size: rows per batch on this host (default cfg.batch_size).
     num_workers: >0 runs encoding (image decode, markers, preprocessing) in that many grain worker
       processes (`mp_prefetch`), overlapping with the device; 0 runs it in `num_threads` threads of this process.
+    cfg.group_by_length > 1 sorts each run of that many of this host's batches by length (each host its own
+      rows, so with grouping the global batches do depend on the number of hosts).
     Returns a `DataIterator` (get_state / set_state / stats); each batch has the keys of the module docstring.
     """
     cfg = cfg.resolve(processor)
@@ -784,7 +855,7 @@ def make_train_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, 
     it = _train_pipeline(records, processor, cfg, image_folder, rows=b, shard_index=shard_index,
                          shard_count=shard_count, num_epochs=num_epochs, start_epoch=start_epoch,
                          num_workers=num_workers, num_threads=num_threads)
-    return DataIterator(it, cfg, b, _image_shape(processor, cfg))
+    return DataIterator(it, cfg, b, _image_shape(processor, cfg), group=cfg.group_by_length)
 
 
 def make_eval_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, image_folder=None,
