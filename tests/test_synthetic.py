@@ -62,6 +62,18 @@ def test_write_dataset_deterministic(tmp_path):
     assert syn.write_dataset(tmp_path / "c", 6, seed=6).read_text() != p1.read_text()
 
 
+def test_write_dataset_workers_write_the_same_files(tmp_path):
+    """num_workers draws the scenes in processes: the same records and the same image bytes, in order."""
+    kw = dict(questions_per_scene=3, list_shapes=True, mark_listed=True, balance_counts=True, **syn.DEMO_SCENE)
+    p1 = syn.write_dataset(tmp_path / "one", 10, seed=4, **kw)
+    p2 = syn.write_dataset(tmp_path / "two", 10, seed=4, num_workers=2, **kw)
+    assert p1.read_text() == p2.read_text()
+    for r in json.loads(p1.read_text()):
+        assert (tmp_path / "one" / r["image"]).read_bytes() == (tmp_path / "two" / r["image"]).read_bytes()
+    with pytest.raises(ValueError, match="num_workers"):
+        syn.write_dataset(tmp_path / "bad", 1, num_workers=-1)
+
+
 def test_clean_image_rerenders_from_metadata(scenes):
     for s in scenes[:40]:
         m = json.loads(json.dumps(s.metadata))  # what a record keeps

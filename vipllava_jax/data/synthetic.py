@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -633,11 +634,43 @@ def _schedule(rng, n: int, question_types, marker_kinds) -> list[tuple[str, str]
     return out[:n]
 
 
+class _SceneWriter:
+    """Draw, save and describe scene i of `write_dataset` (a class, so a process pool can pickle it)."""
+
+    def __init__(self, out, seed, image_dir, id_prefix, pre_marked, fix_marker_kind, questions_per_scene,
+                 list_shapes, mark_listed, balance_counts, scene_kw):
+        self.out, self.seed, self.image_dir, self.id_prefix = out, seed, image_dir, id_prefix
+        self.pre_marked, self.fix_marker_kind, self.qps = pre_marked, fix_marker_kind, questions_per_scene
+        self.list_shapes, self.mark_listed, self.balance_counts = list_shapes, mark_listed, balance_counts
+        self.scene_kw = scene_kw
+
+    def __call__(self, task) -> dict:
+        i, (q, k) = task
+        seed = self.seed
+        scene = make_scene((seed, i), question_type=q, marker_kind=k, **self.scene_kw)
+        rel = f"{self.image_dir}/{self.id_prefix}_{seed}_{i:06d}.png"
+        (scene.image if self.pre_marked else scene.clean_image).save(self.out / rel)
+        more = []
+        if self.qps > 1:
+            others = scene.other_questions()
+            rng_more = np.random.default_rng([seed, i, 7])
+            order = rng_more.permutation(len(others))  # drawn either way: balance_counts's draws come after it
+            if self.balance_counts:
+                others = _balanced_counts(others, rng_more)
+                order = range(len(others))
+            more = [others[j] for j in order[:self.qps - 1]]
+        if self.list_shapes:
+            more.append((LIST_QUESTION, scene.marked_caption if self.mark_listed else scene.caption))
+        return scene.record(f"{self.id_prefix}-{seed}-{i:06d}", rel, pre_marked=self.pre_marked,
+                            fix_marker_kind=self.fix_marker_kind, more_questions=more)
+
+
 def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[str] = QUESTION_TYPES,
                   marker_kinds: Sequence[str] = MARKER_KINDS, pre_marked: bool = True,
                   fix_marker_kind: bool = False, json_name: str = "data.json", image_dir: str = "images",
                   id_prefix: str = "synth", questions_per_scene: int = 1, list_shapes: bool = False,
-                  mark_listed: bool = False, balance_counts: bool = False, **scene_kw) -> Path:
+                  mark_listed: bool = False, balance_counts: bool = False, num_workers: int = 0,
+                  **scene_kw) -> Path:
     """Write `n` scenes: PNG images under out_dir/image_dir and a LLaVA-format JSON list out_dir/json_name
     (paths relative to out_dir, so pass out_dir as the image folder). Returns the JSON path.
 
@@ -655,8 +688,12 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
       or shape, so without this the counts asked would be mostly 1, unlike the held-out count questions (1-3
       evenly); a scene may then have fewer than questions_per_scene questions. With the marked list telling the
       marked shape's kind and colour, counting is what most needs the extra questions.
+    num_workers: > 1 draws the scenes in that many processes (the same files and records: each scene is seeded
+      by its index alone).
     `scene_kw`: more `make_scene` options (size, noise_probability, named_color_probability, ...).
     """
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
     if mark_listed and not list_shapes:
         raise ValueError("mark_listed=True tags the shape list: give list_shapes=True too")
     if not isinstance(questions_per_scene, int) or questions_per_scene < 1:
@@ -671,24 +708,15 @@ def write_dataset(out_dir, n: int, seed: int = 0, *, question_types: Sequence[st
     (out / image_dir).mkdir(parents=True, exist_ok=True)
     schedule = _schedule(np.random.default_rng([int(seed), 2 ** 31 - 1]), n, list(question_types),
                          list(marker_kinds))
-    records = []
-    for i, (q, k) in enumerate(schedule):
-        scene = make_scene((int(seed), i), question_type=q, marker_kind=k, **scene_kw)
-        rel = f"{image_dir}/{id_prefix}_{seed}_{i:06d}.png"
-        (scene.image if pre_marked else scene.clean_image).save(out / rel)
-        more = []
-        if questions_per_scene > 1:
-            others = scene.other_questions()
-            rng_more = np.random.default_rng([int(seed), i, 7])
-            order = rng_more.permutation(len(others))  # drawn either way: balance_counts's draws come after it
-            if balance_counts:
-                others = _balanced_counts(others, rng_more)
-                order = range(len(others))
-            more = [others[j] for j in order[:questions_per_scene - 1]]
-        if list_shapes:
-            more.append((LIST_QUESTION, scene.marked_caption if mark_listed else scene.caption))
-        records.append(scene.record(f"{id_prefix}-{seed}-{i:06d}", rel, pre_marked=pre_marked,
-                                    fix_marker_kind=fix_marker_kind, more_questions=more))
+    job = _SceneWriter(out, int(seed), image_dir, id_prefix, pre_marked, fix_marker_kind, questions_per_scene,
+                       list_shapes, mark_listed, balance_counts, scene_kw)
+    tasks = list(enumerate(schedule))
+    if num_workers > 1 and n > 1:
+        # spawned, not forked: the caller may have JAX's threads running; chunks keep the per-scene overhead small
+        with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+            records = pool.map(job, tasks, chunksize=max(1, n // (8 * num_workers)))
+    else:
+        records = [job(t) for t in tasks]
     path = out / json_name
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
