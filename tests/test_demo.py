@@ -145,7 +145,7 @@ def test_shipped_demo_model(tmp_path, capsys):
 @pytest.mark.slow
 def test_full_recipe_retrains_the_shipped_accuracy(tmp_path):
     """python train/train_demo.py as documented (train/configs/demo.yaml, from scratch): the accuracy the
-    shipped model has. About 28 minutes on a 2-core CPU."""
+    shipped model has. About 22 minutes on a 2-core CPU."""
     assert train_demo.main(["--work", str(tmp_path)]) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["n"] == 200 and s["accuracy"] >= SHIPPED_ACCURACY - 0.03
