@@ -49,7 +49,8 @@ def register(sub) -> None:
     p.add_argument("--clip-norm", type=float, default=S)
     p.add_argument("--max-length", type=int, default=S)
     p.add_argument("--length-buckets", default=S,
-                   help="comma-separated sequence lengths a batch is padded to (default: powers of two from 64, and max_length)")
+                   help="comma-separated sequence lengths a batch is padded to "
+                        "(default: powers of two from 64, and max_length)")
     p.add_argument("--group-by-length", type=int, default=S,
                    help="k > 1: make batches from k batches' examples sorted by length (less padding; 0: off)")
     p.add_argument("--template", choices=("llava_v1", "llava_v0"), default=S)

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT
+from .data import check_batching
 from .lora import LORA_TARGETS
 from .optim import STAGES
 
@@ -62,24 +63,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for f in ("marker_kinds", "lora_targets", "length_buckets"):
+        for f in ("marker_kinds", "lora_targets"):
             v = getattr(self, f)
             if isinstance(v, str):
-                v = tuple(s.strip() for s in v.split(",") if s.strip())
-                if f == "length_buckets":
-                    v = tuple(int(x) if x.isdigit() else x for x in v)
-                object.__setattr__(self, f, v)
+                object.__setattr__(self, f, tuple(s.strip() for s in v.split(",") if s.strip()))
             elif isinstance(v, list):
                 object.__setattr__(self, f, tuple(v))
-        if self.length_buckets is not None:
-            bad = [b for b in self.length_buckets if not isinstance(b, int) or isinstance(b, bool) or b < 1]
-            if bad or not self.length_buckets:
-                raise ValueError(f"length_buckets must be positive integers, got {list(self.length_buckets)}")
-            if max(self.length_buckets) < self.max_length:
-                raise ValueError(f"length_buckets {list(self.length_buckets)} must reach max_length {self.max_length}")
-        if not isinstance(self.group_by_length, int) or isinstance(self.group_by_length, bool) \
-                or self.group_by_length < 0:
-            raise ValueError(f"group_by_length must be a non-negative integer, got {self.group_by_length!r}")
         if self.stage not in STAGES:
             raise ValueError(f"Unknown stage {self.stage!r}; choose from {list(STAGES)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -99,6 +88,8 @@ class TrainConfig:
                              f"each optimizer step takes grad_accum micro-batches of batch_size / grad_accum rows")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        object.__setattr__(self, "length_buckets",
+                           check_batching(self.length_buckets, self.group_by_length, self.max_length))
 
     @property
     def learning_rate(self) -> float:

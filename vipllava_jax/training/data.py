@@ -132,6 +132,24 @@ def _default_image_buckets(max_images: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def check_batching(length_buckets, group_by_length, max_length: int):
+    """Validate the batching settings shared by `DataConfig` and `TrainConfig`; returns length_buckets as a
+    tuple of ints (or None). A comma-separated string is accepted (the CLI's form)."""
+    if isinstance(length_buckets, str):
+        length_buckets = [x.strip() for x in length_buckets.split(",") if x.strip()]
+        length_buckets = [int(x) if x.isdigit() else x for x in length_buckets]
+    if length_buckets is not None:
+        length_buckets = tuple(length_buckets)
+        bad = [b for b in length_buckets if not isinstance(b, int) or isinstance(b, bool) or b < 1]
+        if bad or not length_buckets:
+            raise ValueError(f"length_buckets must be positive integers, got {list(length_buckets)}")
+        if max(length_buckets) < max_length:
+            raise ValueError(f"length_buckets {list(length_buckets)} must reach max_length {max_length}")
+    if not isinstance(group_by_length, int) or isinstance(group_by_length, bool) or group_by_length < 0:
+        raise ValueError(f"group_by_length must be a non-negative integer, got {group_by_length!r}")
+    return length_buckets
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Settings of the training data. None fields are filled from the processor by `resolve(processor)`.
@@ -177,12 +195,12 @@ class DataConfig:
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
-        for f in ("marker_kinds", "length_buckets", "image_buckets"):
+        object.__setattr__(self, "length_buckets",
+                           check_batching(self.length_buckets, self.group_by_length, self.max_length))
+        for f in ("marker_kinds", "image_buckets"):
             v = getattr(self, f)
             if isinstance(v, str):
                 v = [s.strip() for s in v.split(",") if s.strip()]
-                if f != "marker_kinds":
-                    v = [int(x) if x.isdigit() else x for x in v]
             if v is not None:
                 object.__setattr__(self, f, tuple(v))
         if self.marker_kinds is not None:
@@ -191,15 +209,6 @@ class DataConfig:
                 raise ValueError(f"unknown marker kinds {bad or '(none given)'}: use {', '.join(vp.MARKER_KINDS)}")
         if self.max_length < 1 or self.batch_size < 1 or self.max_images_per_example < 0:
             raise ValueError("max_length and batch_size must be >= 1, max_images_per_example >= 0")
-        if not isinstance(self.group_by_length, int) or isinstance(self.group_by_length, bool) \
-                or self.group_by_length < 0:
-            raise ValueError(f"group_by_length must be a non-negative integer, got {self.group_by_length!r}")
-        if self.length_buckets is not None:
-            bad = [b for b in self.length_buckets if not isinstance(b, int) or isinstance(b, bool) or b < 1]
-            if bad:
-                raise ValueError(f"length_buckets must be positive integers, got {list(self.length_buckets)}")
-        if self.length_buckets is not None and max(self.length_buckets) < self.max_length:
-            raise ValueError(f"length_buckets {self.length_buckets} must reach max_length {self.max_length}")
 
     def resolve(self, processor) -> "DataConfig":
         """Fill the None ids / lengths from a `vipllava_jax.processing.Processor` (checked against it)."""
