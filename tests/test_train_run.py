@@ -3,6 +3,7 @@ the HF export loads in transformers with equal logits, 8 devices (fsdp=4 x tenso
 step, a stopped run resumes bitwise, and changed settings refuse to resume."""
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,33 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def tb_scalars(run_dir, tag: str) -> dict[int, float]:
+    """What TensorBoard shows for ``tag``: the event files in order, each whole record's CRCs checked (a torn
+    last record ends a file, as in TensorBoard), a SessionLog START at step s hiding earlier events at >= s."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.record_writer import masked_crc32c
+    shown: dict[int, float] = {}
+    for f in sorted((Path(run_dir) / "tb").glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime_ns):
+        b, i = f.read_bytes(), 0
+        while i + 12 <= len(b):
+            (n,), (hcrc,) = struct.unpack("<Q", b[i:i + 8]), struct.unpack("<I", b[i + 8:i + 12])
+            if i + 16 + n > len(b):
+                break
+            data, (dcrc,) = b[i + 12:i + 12 + n], struct.unpack("<I", b[i + 12 + n:i + 16 + n])
+            assert (hcrc, dcrc) == (masked_crc32c(b[i:i + 8]), masked_crc32c(data)), f"{f}: bad record at {i}"
+            ev, i = Event.FromString(data), i + 16 + n
+            if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+                shown = {s: v for s, v in shown.items() if s < ev.step}
+            for v in ev.summary.value:
+                if v.tag == tag:
+                    shown[ev.step] = v.simple_value
+    return shown
+
+
+def float32s(d: dict[int, float]) -> dict[int, float]:
+    return {k: float(np.float32(v)) for k, v in d.items()}
+
+
 def hf_weights(d) -> dict[str, np.ndarray]:
     files = sorted(Path(d).glob("*.safetensors"))
     out = {}
@@ -92,7 +120,7 @@ def test_full_stage_loss_falls_and_export_loads_in_transformers(env, full_run):
     assert np.mean([ls[s] for s in range(26, 31)]) < 0.3 * np.mean([ls[s] for s in range(1, 4)])
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "examples_seen", "dropped_examples"} <= set(rows[0])
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert tb_scalars(out, "loss") == float32s(ls)
     hf = out / "hf"
     assert (hf / "tokenizer.json").exists() and (hf / "processor_config.json").exists()
     tm = VipLlavaForConditionalGeneration.from_pretrained(hf).eval()
@@ -142,6 +170,7 @@ def test_stopped_run_resumes_bitwise(env, full_run, tmp_path, monkeypatch):
     s2 = train(cfg)
     assert s2["steps"] == 30
     assert losses(out) == losses(ref_out)
+    assert tb_scalars(out, "loss") == float32s(losses(out))
     a, b = hf_weights(out / "hf"), hf_weights(ref_out / "hf")
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -340,6 +369,7 @@ def test_sigkill_during_saves_resumes_from_a_whole_checkpoint(env, full_run, tmp
     s = train(cfg)
     assert s["steps"] == 30
     assert losses(tmp_path / "kill") == losses(full_run[0])
+    assert tb_scalars(tmp_path / "kill", "loss") == float32s(losses(full_run[0]))
     a, b = hf_weights(tmp_path / "kill" / "hf"), hf_weights(full_run[0] / "hf")
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
@@ -362,6 +392,7 @@ def test_full_disk_is_one_clear_error_and_the_last_checkpoint_resumes(env, full_
     s = train(base_cfg(env, tmp_path / "moved", max_steps=30, save_every=1, keep=100))
     assert s["steps"] == 30
     assert losses(tmp_path / "moved") == losses(full_run[0])
+    assert tb_scalars(tmp_path / "moved", "loss") == float32s(losses(full_run[0]))
     a, b = hf_weights(tmp_path / "moved" / "hf"), hf_weights(full_run[0] / "hf")
     assert all(np.array_equal(a[k], b[k]) for k in b)
 

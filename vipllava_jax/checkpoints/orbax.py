@@ -6,6 +6,7 @@ and ``params/`` (an orbax StandardCheckpointer tree), plus the tokenizer files c
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import re
 from pathlib import Path
@@ -107,13 +108,18 @@ def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None, scan_l
     if bad is not None:
         raise bad
     check_mesh(config, mesh)
-    try:
-        with held_stderr(drop_if=lambda e: True):
+    with held_stderr(drop_if=lambda e: True):
+        try:
             return _restore_orbax(path, config, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
-        raise _damaged_orbax(path, e) from None
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
+            bad = _damaged_orbax(path, e)
+        # orbax's failed reads leave suspended coroutines that raise again when finalized ("Exception ignored
+        # in ..."): finalize them now, while stderr is held, not at some later collection at a random point
+        # (Python 3.11's traceback formatting inside an unlucky collection can break a running ast.parse)
+        gc.collect()
+        raise bad from None
 
 
 def _restore_orbax(path: Path, config: VipLlavaConfig, *, dtype=None, mesh=None, scan_layers: bool = False) -> dict:

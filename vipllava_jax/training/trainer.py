@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
 import signal
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -20,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.summary import scalar as scalar_summary
 from tqdm.auto import tqdm
 
 from ..checkpoints.hf_io import is_disk_full
@@ -52,6 +57,34 @@ def _log0(msg: str) -> None:
         tqdm.write(msg)
 
 
+class EventFile:
+    """A TensorBoard event file written in the caller's thread (TFRecord framing of ``Event`` protos).
+
+    tensorboardX's SummaryWriter writes from a background thread: on a full disk that thread dies and the
+    writer is left open, flushing again at interpreter exit. Here every write fails where it is made and
+    ``close`` always releases the file."""
+
+    def __init__(self, directory: Path, first_step: int):
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{time.time_ns() % 10**9}"
+        self._f = open(directory / name, "ab")
+        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        # TensorBoard hides events at or past this step written by an earlier (resumed-from) run
+        self.write(Event(wall_time=time.time(), step=first_step, session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def write(self, event: Event) -> None:
+        data = event.SerializeToString()
+        head = struct.pack("<Q", len(data))
+        self._f.write(head + struct.pack("<I", masked_crc32c(head)) + data + struct.pack("<I", masked_crc32c(data)))
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()  # closes the file even when its last flush fails (then re-raises)
+
+
 class MetricsWriter:
     """``metrics.jsonl`` and TensorBoard events; process 0 only. On resume, lines past the checkpoint's step
     are dropped first (they are written again), so the file reads as one uninterrupted run."""
@@ -65,20 +98,23 @@ class MetricsWriter:
         if self.path.exists():
             self.path.write_text("".join(ln + "\n" for ln in self.path.read_text().splitlines()
                                          if _line_step(ln) is not None and _line_step(ln) <= resume_step))
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+        self.tb = EventFile(run_dir / "tb", first_step=resume_step + 1)
 
     def write(self, row: dict) -> None:
         if not self.on:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        now = time.time()
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, row["step"])
+                self.tb.write(Event(wall_time=now, step=row["step"], summary=scalar_summary(k, v)))
+        self.tb.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        tb, self.tb = self.tb, None
+        if tb is not None:
+            tb.close()
 
 
 def _line_step(line: str) -> int | None:
@@ -338,74 +374,90 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f"{int(m['nonfinite_run'])} non-finite steps in a row, the last {where}; last good "
                              f"checkpoint: {_last_ckpt(ckpts)}")
 
-    asyncio_log = logging.getLogger("asyncio")  # orbax's failed writes also log "Task exception never retrieved"
-    asyncio_level = asyncio_log.level
-    asyncio_log.setLevel(logging.CRITICAL)
-    try:
-        while step < s.steps:
-            batch = stack_micro([next(it) for _ in range(cfg.grad_accum)], s.batch_multiple)
-            state, m = steps.train(state, batch)
-            step += 1
-            if pending is not None:
-                check_finite(*pending)
-            pending = (step, m)
-            tokens += int(batch["attention_mask"].sum()) * jax.process_count()
-            if step % cfg.log_every == 0 or step == s.steps:
-                m = jax.device_get(m)
-                check_finite(step, m)
-                pending = None
-                dt = time.perf_counter() - t0
-                stats = it.stats()
-                last = {"step": step, "loss": float(m["loss"]), "lr": float(lr_at(step - 1)),
-                        "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens / max(dt, 1e-9),
-                        "examples_seen": int(stats["examples"]) * jax.process_count(),
-                        "dropped_examples": int(stats["dropped"]) * jax.process_count(),
-                        "skipped_steps": int(m["skipped_total"])}
-                writer.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-                t0, tokens = time.perf_counter(), 0
-            bar.update(1)
-            eval_loss = None
-            if eval_records is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == s.steps):
-                eval_loss = evaluate(cfg, s, steps, state, eval_records)
-                writer.write({"step": step, "eval_loss": eval_loss})
-                _log0(f"step {step}: eval loss {eval_loss:.4f}")
-            if preempt.should_stop(step):
-                save(step, eval_loss)
-                stopped = True
-                _log0(f"Stopped at step {step} of {s.steps} (preemption); checkpoint saved in {ckpts.directory}. "
-                      f"Run the same command again to resume.")
-                break
-            if (cfg.save_every and step % cfg.save_every == 0) or step == s.steps:
-                save(step, eval_loss)
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
-        if not is_disk_full(e):
-            raise
-        with contextlib.suppress(Exception):
+    with _orbax_failures_collected(ckpts):
+        try:
+            while step < s.steps:
+                batch = stack_micro([next(it) for _ in range(cfg.grad_accum)], s.batch_multiple)
+                state, m = steps.train(state, batch)
+                step += 1
+                if pending is not None:
+                    check_finite(*pending)
+                pending = (step, m)
+                tokens += int(batch["attention_mask"].sum()) * jax.process_count()
+                if step % cfg.log_every == 0 or step == s.steps:
+                    m = jax.device_get(m)
+                    check_finite(step, m)
+                    pending = None
+                    dt = time.perf_counter() - t0
+                    stats = it.stats()
+                    last = {"step": step, "loss": float(m["loss"]), "lr": float(lr_at(step - 1)),
+                            "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens / max(dt, 1e-9),
+                            "examples_seen": int(stats["examples"]) * jax.process_count(),
+                            "dropped_examples": int(stats["dropped"]) * jax.process_count(),
+                            "skipped_steps": int(m["skipped_total"])}
+                    writer.write(last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                    t0, tokens = time.perf_counter(), 0
+                bar.update(1)
+                eval_loss = None
+                if eval_records is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == s.steps):
+                    eval_loss = evaluate(cfg, s, steps, state, eval_records)
+                    writer.write({"step": step, "eval_loss": eval_loss})
+                    _log0(f"step {step}: eval loss {eval_loss:.4f}")
+                if preempt.should_stop(step):
+                    save(step, eval_loss)
+                    stopped = True
+                    _log0(f"Stopped at step {step} of {s.steps} (preemption); checkpoint saved in {ckpts.directory}. "
+                          f"Run the same command again to resume.")
+                    break
+                if (cfg.save_every and step % cfg.save_every == 0) or step == s.steps:
+                    save(step, eval_loss)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+            if not is_disk_full(e):
+                raise
+            with contextlib.suppress(Exception):
+                ckpts.wait()
+            raise TrainError(f"Disk full while writing to {run_dir} at step {step}; the last whole checkpoint is "
+                             f"{_last_ckpt(ckpts)}. Free space and run the same command again to resume from it") from None
+        finally:
+            bar.close()
+            preempt.close()
+            it.close()
+            with contextlib.suppress(OSError):
+                writer.close()
+        try:
             ckpts.wait()
-        raise TrainError(f"Disk full while writing to {run_dir} at step {step}; the last whole checkpoint is "
-                         f"{_last_ckpt(ckpts)}. Free space and run the same command again to resume from it") from None
-    finally:
-        bar.close()
-        preempt.close()
-        it.close()
-        asyncio_log.setLevel(asyncio_level)
-        with contextlib.suppress(OSError):
-            writer.close()
-    try:
-        ckpts.wait()
-    except Exception as e:  # noqa: BLE001
-        if not is_disk_full(e):
-            raise
-        raise TrainError(f"Disk full while saving the checkpoint of step {step} in {ckpts.directory}; the last "
-                         f"whole checkpoint is {_last_ckpt(ckpts)}. Free space and run the same command again to "
-                         f"resume from it") from None
+        except Exception as e:  # noqa: BLE001
+            if not is_disk_full(e):
+                raise
+            raise TrainError(f"Disk full while saving the checkpoint of step {step} in {ckpts.directory}; the last "
+                             f"whole checkpoint is {_last_ckpt(ckpts)}. Free space and run the same command again to "
+                             f"resume from it") from None
     hf_dir = run_dir / "hf"
     if not stopped and not hf_dir.exists():
         export_hf(state, s.frozen, s.module.config, hf_dir, lora=s.step_cfg.lora, files_from=s.model_dir)
         _log0(f"Wrote {hf_dir}")
     ckpts.close()
     return {"steps": step, "stopped": stopped, "last": last, "run_dir": str(run_dir), "hf": str(hf_dir)}
+
+
+@contextlib.contextmanager
+def _orbax_failures_collected(ckpts: RunCheckpoints):
+    """Mute asyncio's "Task exception was never retrieved" (orbax's failed asynchronous writes log it) for the
+    block. If the block fails, close the checkpoint manager and collect those tasks here, while muted, not at some
+    later collection (Python 3.11 formatting their tracebacks inside a running ``ast.parse`` breaks that parse)."""
+    log = logging.getLogger("asyncio")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ckpts.close()
+        gc.collect()
+        raise
+    finally:
+        log.setLevel(level)
 
 
 def _last_ckpt(ckpts: RunCheckpoints) -> str:
