@@ -396,7 +396,8 @@ def train(cfg: TrainConfig) -> dict:
                             "dropped_examples": int(stats["dropped"]) * jax.process_count(),
                             "skipped_steps": int(m["skipped_total"])}
                     writer.write(last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}")
                     t0, tokens = time.perf_counter(), 0
                 bar.update(1)
                 eval_loss = None
@@ -418,7 +419,8 @@ def train(cfg: TrainConfig) -> dict:
             with contextlib.suppress(Exception):
                 ckpts.wait()
             raise TrainError(f"Disk full while writing to {run_dir} at step {step}; the last whole checkpoint is "
-                             f"{_last_ckpt(ckpts)}. Free space and run the same command again to resume from it") from None
+                             f"{_last_ckpt(ckpts)}. Free space and run the same command again to resume "
+                             f"from it") from None
         finally:
             bar.close()
             preempt.close()
