@@ -230,8 +230,10 @@ def mesh8_run(env):
 
 
 def _close(a: dict, b: dict, steps) -> None:
+    # fp32 sums reduced in another order (8 devices' shards) drift apart over the steps: 1.1e-5 relative at step 15
+    # was seen on one machine (1e-5 passed on others); a sharding error moves the loss by far more than 3e-5
     for s in steps:
-        assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(b[s])), (s, a[s], b[s])
+        assert abs(a[s] - b[s]) <= 3e-5 * max(1.0, abs(b[s])), (s, a[s], b[s])
 
 
 def test_eight_devices_fsdp_tensor_match_one_device(full_run, mesh8_run):
