@@ -3,6 +3,8 @@
 
     python train/train_demo.py --work runs/demo                  # ~22 minutes on a 2-core CPU
     python train/train_demo.py --work runs/demo --install        # and copy the result into the package
+    python train/train_demo.py --work runs/quick --question-types color --marker-kinds rectangle \
+        --set max_steps=800 --set batch_size=16                  # a reduced task: 2.5 minutes, ~57% (chance 17%)
 
 Steps (each its own library call, so any can be run by hand):
 
@@ -82,20 +84,26 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
                  "generation_config.json")
 
 
-def make_data(work: Path, n_train: int, questions_per_scene: int) -> Path:
+def make_data(work: Path, n_train: int, questions_per_scene: int, question_types=None, marker_kinds=None) -> Path:
+    """The training scenes (every question type and marker kind unless a reduced task names some)."""
     from vipllava_jax import demo
-    from vipllava_jax.synthetic import DEMO_SCENE, write_dataset
+    from vipllava_jax.synthetic import DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, write_dataset
+    question_types = tuple(question_types or QUESTION_TYPES)
+    marker_kinds = tuple(marker_kinds or MARKER_KINDS)
     data = work / "data"
     path, made = data / "train.json", data / "made_with.json"
     settings = {"n_train": n_train, "questions_per_scene": questions_per_scene, "seed": demo.TRAIN_SEED,
-                "mark_listed": True, "balance_counts": True,
+                "mark_listed": True, "balance_counts": "count" in question_types,
                 "scene": {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO_SCENE.items()}}
+    if question_types != QUESTION_TYPES or marker_kinds != MARKER_KINDS:  # older made_with.json files stay valid
+        settings.update(question_types=list(question_types), marker_kinds=list(marker_kinds))
     if path.is_file() and made.is_file() and json.loads(made.read_text()) == settings:
         return path
     path = write_dataset(data, n_train, seed=demo.TRAIN_SEED, pre_marked=True, json_name="train.json",
                          id_prefix="train", questions_per_scene=questions_per_scene, list_shapes=True,
-                         mark_listed=True, balance_counts=True, num_workers=min(os.cpu_count() or 1, 8),
-                         **DEMO_SCENE)
+                         mark_listed=True, balance_counts=settings["balance_counts"],
+                         num_workers=min(os.cpu_count() or 1, 8),
+                         question_types=question_types, marker_kinds=marker_kinds, **DEMO_SCENE)
     made.write_text(json.dumps(settings))
     return path
 
@@ -119,6 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--questions-per-scene", type=int, default=QUESTIONS_PER_SCENE,
                    help="questions asked of each training scene (its own, then others it answers)")
     p.add_argument("--n-eval", type=int, default=200, help="held-out scenes to evaluate on")
+    p.add_argument("--question-types", default=None, metavar="T1,T2",
+                   help="a reduced task: only these question types in training and held-out scenes "
+                        "(default: the whole mix, as the shipped model)")
+    p.add_argument("--marker-kinds", default=None, metavar="K1,K2",
+                   help="a reduced task: only these marker kinds (default: all eight)")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation")
     p.add_argument("--model-override", default=None,
                    help="JSON of make_demo_model.DEMO_MODEL keys to change (experiments)")
@@ -132,6 +145,7 @@ def main(argv=None) -> int:
     from make_demo_model import make_demo_model
     from vipllava_jax import demo
     from vipllava_jax.cli.demo import SHIPPED_MODEL_DIR
+    from vipllava_jax.synthetic import MARKER_KINDS, QUESTION_TYPES
     from vipllava_jax.training import TrainConfig, train
     from vipllava_jax.training.config import read_config_file
 
@@ -139,7 +153,12 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     times = {}
     t0 = time.perf_counter()
-    data = make_data(work, a.n_train, a.questions_per_scene)
+    question_types = tuple(a.question_types.split(",")) if a.question_types else QUESTION_TYPES
+    marker_kinds = tuple(a.marker_kinds.split(",")) if a.marker_kinds else MARKER_KINDS
+    if a.install and (question_types != QUESTION_TYPES or marker_kinds != MARKER_KINDS):
+        p.error("--install ships the demo model, which answers the whole mix: not with --question-types or "
+                "--marker-kinds")
+    data = make_data(work, a.n_train, a.questions_per_scene, question_types, marker_kinds)
     times["data_s"] = time.perf_counter() - t0
     print(f"data: {a.n_train} scenes in {data} ({times['data_s']:.0f} s)", flush=True)
 
@@ -163,14 +182,17 @@ def main(argv=None) -> int:
     print(f"trained in {times['train_s']:.0f} s: {hf}", flush=True)
 
     t0 = time.perf_counter()
-    res = demo.heldout_accuracy(hf, n=a.n_eval, template=cfg.template, system=cfg.system_prompt)
+    res = demo.heldout_accuracy(hf, n=a.n_eval, template=cfg.template, system=cfg.system_prompt,
+                                question_types=question_types, marker_kinds=marker_kinds)
     times["eval_s"] = time.perf_counter() - t0
     total = sum(times.values())
     print(demo.format_accuracy(res))
     print("times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()) + f", total {total:.0f} s")
     (work / "summary.json").write_text(json.dumps({"accuracy": res["accuracy"], "by_type": res["by_type"],
                                                    "chance": res["chance"], "n": res["n"], **times,
-                                                   "total_s": total, "config": cfg.to_dict()}, indent=2))
+                                                   "total_s": total, "question_types": list(question_types),
+                                                   "marker_kinds": list(marker_kinds), "config": cfg.to_dict()},
+                                                  indent=2))
     if a.install:
         install(hf, SHIPPED_MODEL_DIR)
         print(f"installed into {demo.demo_model_path()}")

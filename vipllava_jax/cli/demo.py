@@ -19,7 +19,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from ..checkpoints.load import load_pretrained
 from ..data.processor import Processor
 from ..data.prompts import build_prompt
-from ..data.synthetic import DEMO_SCENE, QUESTION_TYPES, chance_accuracy, make_scene, write_dataset
+from ..data.synthetic import (DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, chance_accuracy, make_scene,
+                              write_dataset)
 from ..generation.api import generate_stream
 from ..generation.evaluation import evaluate, score_answer, stop_for_template
 from . import selfcheck
@@ -62,9 +63,12 @@ def demo_model_path() -> Path:
     return p
 
 
-def write_heldout(out_dir, n: int = N_HELDOUT) -> Path:
-    """Write the first `n` held-out scenes (pre-marked; scenes (HELDOUT_SEED, i)) to out_dir; returns the JSON."""
-    return write_dataset(out_dir, n, seed=HELDOUT_SEED, pre_marked=True, id_prefix="heldout", **DEMO_SCENE)
+def write_heldout(out_dir, n: int = N_HELDOUT, *, question_types: Sequence[str] = QUESTION_TYPES,
+                  marker_kinds: Sequence[str] = MARKER_KINDS) -> Path:
+    """Write the first `n` held-out scenes (pre-marked; scenes (HELDOUT_SEED, i)) to out_dir; returns the JSON.
+    question_types / marker_kinds: the held-out scenes of a reduced task (default: the demo model's whole mix)."""
+    return write_dataset(out_dir, n, seed=HELDOUT_SEED, pre_marked=True, id_prefix="heldout",
+                         question_types=question_types, marker_kinds=marker_kinds, **DEMO_SCENE)
 
 
 def _load(model):
@@ -77,9 +81,11 @@ def _load(model):
 
 def heldout_accuracy(model=None, n: int = N_HELDOUT, *, template: str = DEMO_TEMPLATE,
                      system: str = DEMO_SYSTEM_PROMPT, batch_size: int | None = None, progress: bool = False,
-                     data_dir=None) -> dict:
+                     data_dir=None, question_types: Sequence[str] = QUESTION_TYPES,
+                     marker_kinds: Sequence[str] = MARKER_KINDS) -> dict:
     """Exact-match accuracy of `model` (a directory, (module, params, processor), or None: the shipped model)
-    on the first `n` held-out scenes, with `evaluation.evaluate` (greedy, batched).
+    on the first `n` held-out scenes, with `evaluation.evaluate` (greedy, batched). question_types /
+    marker_kinds: a reduced task's held-out scenes (`write_heldout`), its chance for those types.
 
     Returns {"accuracy", "by_type" {question type: accuracy}, "chance", "chance_by_type", "n", "seconds",
     "answers"}. data_dir: where to write the scenes (default: a temporary directory, removed after)."""
@@ -87,13 +93,13 @@ def heldout_accuracy(model=None, n: int = N_HELDOUT, *, template: str = DEMO_TEM
     module, params, processor = _load(demo_model_path() if model is None else model)
     with tempfile.TemporaryDirectory(prefix="vipllava-heldout-") as tmp:
         folder = Path(data_dir) if data_dir is not None else Path(tmp)
-        path = write_heldout(folder, n)
+        path = write_heldout(folder, n, question_types=question_types, marker_kinds=marker_kinds)
         answers, score, stats = evaluate(module, params, processor, path, image_folder=folder,
                                          batch_size=batch_size or min(n, 100), metric="exact",
                                          max_new_tokens=MAX_NEW_TOKENS, template=template, system=system,
                                          progress=progress, model_id="vipllava-jax-demo")
-    return {"accuracy": score, "by_type": stats["by_type"], "chance": chance_accuracy(),
-            "chance_by_type": {t: chance_accuracy(t) for t in QUESTION_TYPES}, "n": stats["scored"],
+    return {"accuracy": score, "by_type": stats["by_type"], "chance": chance_accuracy(None, question_types),
+            "chance_by_type": {t: chance_accuracy(t) for t in question_types}, "n": stats["scored"],
             "seconds": time.perf_counter() - t0, "answers": answers}
 
 
