@@ -26,8 +26,10 @@ by length, 1626 s); rounds 2 and 3 ran `vipllava-jax train --config train/config
 shape 96.5%), 93.5% after round 3 (colour 94%, count 80%, left/right 100%, shape 100%; on 800: 94.0%, count 83%).
 Training loss fell to ~0.01 in round 2 and ~0.001 in round 3, and the round-3 model answers 99% of the training
 scenes' count questions (67% after round 2, 58% after round 1): the later rounds fit the training counts, and
-held-out counting rose with them (52% -> 63.5% -> 83% on 800). `--rounds 3` from scratch (round 1 grouped) was
-not run in one go.
+held-out counting rose with them (52% -> 63.5% -> 83% on 800). `--rounds 3` from scratch in one go (seventh
+session, round 1 grouped; `python train/train_demo.py --work W --rounds 3`): 3670 s in all (data 19 s, init 5 s,
+training 1294 + 1180 + 1158 s, eval 3 s); 83.0% (colour 90%, count 44%, left/right 100%, shape 98%), 86.5% (count
+54%), 93.5% (colour 98%, count 76%, left/right 100%, shape 100%) after rounds 1-3 on the 200 held-out scenes.
 
 Measured (2026-12-02, 2-core CPU, train/configs/demo.yaml, 12000 `DEMO_SCENE` scenes, each with its question, two
 more (counts first, `balance_counts`) and the shape list with the marked one tagged (`mark_listed`)): data 22 s
