@@ -425,6 +425,32 @@ def test_worker_processes_give_the_same_batches(env):
     it2.close()
 
 
+def test_cache_examples_gives_the_same_batches_and_encodes_region_free_records_once(env, monkeypatch):
+    # region-free records with and without images, region records (markers drawn afresh each epoch) and a
+    # record too long for max_length (dropped, and counted as dropped every epoch)
+    recs = _mixed_records(9) + [{"id": "long", "conversations": conv(("Q" * 300, "A"))}]
+    c = cfg(batch_size=2, max_length=256, max_images_per_example=2)
+    calls = []
+    real = D.encode_example
+    monkeypatch.setattr(D, "encode_example", lambda rec, *a, **k: calls.append(rec["id"]) or real(rec, *a, **k))
+
+    def run(**kw):
+        calls.clear()
+        it = D.make_train_iterator(recs, env.proc, dataclasses.replace(c, **kw), image_folder=env.folder,
+                                   num_epochs=3)
+        return list(it), it.stats(), list(calls)
+
+    ref, ref_stats, ref_calls = run()
+    got, stats, got_calls = run(cache_examples=True)
+    assert len(got) == len(ref) and stats == ref_stats and stats["dropped"] == 3
+    for a, b in zip(ref, got):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert len(ref_calls) == 3 * len(recs)
+    regions = [r["id"] for r in recs if r.get("bboxes")]
+    assert sorted(got_calls) == sorted([r["id"] for r in recs] + 2 * regions)
+
+
 def _varied_records(n=24):
     """Text-only records of many lengths (question i has 3 * (i % 8) characters more)."""
     return [{"id": f"g{i}", "conversations": conv(("Q" + "x" * (3 * (i % 8)), f"answer {i}"))} for i in range(n)]

@@ -53,6 +53,8 @@ def register(sub) -> None:
                         "(default: powers of two from 64, and max_length)")
     p.add_argument("--group-by-length", type=int, default=S,
                    help="k > 1: make batches from k batches' examples sorted by length (less padding; 0: off)")
+    p.add_argument("--cache-examples", type=_bool, nargs="?", const=True, default=S,
+                   help="keep encoded examples (without regions) in memory across epochs: small datasets")
     p.add_argument("--template", choices=("llava_v1", "llava_v0"), default=S)
     p.add_argument("--system-prompt", default=S, help="system text of the template (default: LLaVA's)")
     p.add_argument("--pad-to-square", type=_bool, nargs="?", const=True, default=S)

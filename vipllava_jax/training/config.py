@@ -37,6 +37,7 @@ class TrainConfig:
     max_length: int = 2048
     length_buckets: tuple[int, ...] | None = None  # None: powers of two from 64, and max_length
     group_by_length: int = 0  # k > 1: batches from k batches' examples sorted by length (less padding)
+    cache_examples: bool = False  # keep encoded examples of region-free records in memory across epochs
     template: str = "llava_v1"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     pad_to_square: bool = False

@@ -173,6 +173,11 @@ class DataConfig:
       length and yields them as k batches in a seeded order (Hugging Face's group_by_length with mega-batches):
       rows of a batch have similar lengths, so with fine `length_buckets` far less of T is padding. Batches
       then mix less across lengths. 0 or 1: off. make_eval_iterator never groups.
+    cache_examples: keep each record's encoded example (ids, labels, preprocessed images) in memory after its
+      first encoding and reuse it in later epochs. Only records without regions are kept (their markers are
+      drawn afresh each epoch), so a kept example is exactly what encoding the record again would give. For
+      small datasets trained over many epochs: it costs the float32 images' memory (3 x H x W x 4 bytes each,
+      in every worker process that encodes the record).
     """
     template: str = "llava_v1"
     max_length: int = 2048
@@ -191,6 +196,7 @@ class DataConfig:
     check_tokenization: bool = True
     shuffle: bool = True
     group_by_length: int = 0
+    cache_examples: bool = False
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -622,9 +628,30 @@ class _Encode:
     def __init__(self, processor, cfg: DataConfig, image_folder, n_records: int, start_epoch: int):
         self.processor, self.cfg, self.image_folder = processor, cfg, image_folder
         self.n, self.start_epoch = n_records, start_epoch
+        # cache_examples: id(record) -> (record, Example or _Skip); the record is kept to check identity.
+        self._cache: dict | None = {} if cfg.cache_examples else None
+
+    def __getstate__(self):  # a worker process starts with an empty cache
+        state = dict(self.__dict__)
+        if state["_cache"] is not None:
+            state["_cache"] = {}
+        return state
 
     def __call__(self, index: int, record: dict):
         epoch = self.start_epoch + index // self.n
+        if self._cache is not None:
+            hit = self._cache.get(id(record))
+            if hit is not None and hit[0] is record:
+                return dataclasses.replace(hit[1], epoch=epoch)
+        out = self._encode(record, epoch)
+        # A record without regions has one example whatever the epoch (no marker is drawn); a bad one is not
+        # kept (its error is raised, or counted each time it comes).
+        if self._cache is not None and not (isinstance(out, _Skip) and out.reason == "bad") \
+                and not (record.get("bboxes") or record.get("segmentations")):
+            self._cache[id(record)] = (record, out)
+        return out
+
+    def _encode(self, record: dict, epoch: int):
         try:
             return encode_example(record, self.processor, self.cfg, image_folder=self.image_folder, epoch=epoch)
         except ExampleDropped as e:
