@@ -159,7 +159,7 @@ def test_reduced_recipe_learns_to_read_the_marker(tmp_path):
     from the random model's to well above chance (1/6): the answer is read off the marked shape, as every other
     shape in a colour scene has another colour. Measured on a 2-core CPU: 57% on these 100 held-out scenes (57.5%
     on 200; 31% after 600 steps), 2.5 minutes. On the whole mix 800 such steps stay at chance (31%); one round of
-    the full recipe (22 minutes) gives ~84%, three (the slow test below) the shipped 93.5%."""
+    the full recipe (19 minutes) gives ~84%, three (the slow test below) the shipped 93.5%."""
     work = tmp_path / "demo"
     args = ["--work", str(work), "--n-train", "3000", "--n-eval", "100", "--question-types", "color",
             "--marker-kinds", "rectangle", "--set", "max_steps=800", "--set", "batch_size=16",
