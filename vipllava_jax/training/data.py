@@ -177,7 +177,7 @@ class DataConfig:
       first encoding and reuse it in later epochs. Only records without regions are kept (their markers are
       drawn afresh each epoch), so a kept example is exactly what encoding the record again would give. For
       small datasets trained over many epochs: it costs the float32 images' memory (3 x H x W x 4 bytes each,
-      in every worker process that encodes the record).
+      in every worker process that encodes the record). make_eval_iterator never caches.
     """
     template: str = "llava_v1"
     max_length: int = 2048
@@ -900,7 +900,7 @@ def make_eval_iterator(records: Sequence[dict], processor, cfg: DataConfig, *, i
     """One pass over this host's share, in order, markers drawn for epoch 0. Every host yields the same number
     of batches, ceil(ceil(len(records) / shard_count) / batch_size), the last ones filled with padding rows
     (labels -100), so hosts never wait on each other's collectives."""
-    cfg = dataclasses.replace(cfg.resolve(processor), shuffle=False)
+    cfg = dataclasses.replace(cfg.resolve(processor), shuffle=False, cache_examples=False)  # one pass: no reuse
     b = batch_size or cfg.batch_size
     it, _ = _pipeline(records, processor, cfg, image_folder, shard_index=shard_index, shard_count=shard_count,
                       num_epochs=1, start_epoch=0, shuffle=False, num_workers=num_workers, num_threads=num_threads,
