@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Retrain the demo model from scratch: synthetic data + random init + `vipllava-jax train` + held-out accuracy.
 
-    python train/train_demo.py --work runs/demo --rounds 3 --install  # the shipped model's recipe, ~1 hour
+    python train/train_demo.py --work runs/demo --rounds 3 --install  # the shipped model's recipe, ~50 minutes
     python train/train_demo.py --work runs/demo                  # one round: ~19 minutes on a 2-core CPU, ~84%
     python train/train_demo.py --work runs/quick --question-types color --marker-kinds rectangle \
         --set max_steps=800 --set batch_size=16                  # a reduced task: 2.5 minutes, ~57% (chance 17%)
@@ -41,7 +41,7 @@ grouped by length (`group_by_length: 16`, `length_buckets` every 16 tokens: the 
 instead of 1294 s, to bitwise the same weights (the same batches; test_train_data checks that); rounds 2 and 3
 gain as much (each round is a new process, so it encodes in its first epoch again); `--rounds 3` with it:
 training 2842 s instead of 3643 s, the round-3 weights bitwise those of the run without it (93.5%).
-The aim is 90% within 15 minutes; not met (one round is 19 minutes, three ~1 hour): the same recipe cut to 2400
+The aim is 90% within 15 minutes; not met (one round is 19 minutes, three ~50): the same recipe cut to 2400
 steps (`--set max_steps=2400`: 911 s in all, data 22 s, training 880 s) reached 69.0% (colour 88%, count 52%,
 left/right 45%, shape 92%), with lr 5e-4 71.0% (count 40%, left/right 65%); left/right is learnt late. The same data
 with lr 5e-4, 2000 steps and max_length 128 (1006 s in all, ungrouped) gave 67.0% (count 34%, left/right 61%).
