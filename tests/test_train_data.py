@@ -542,3 +542,10 @@ def test_config_from_train_and_resolve(env):
             TrainConfig(max_length=112, **bad)
         with pytest.raises(ValueError, match=msg):
             D.DataConfig(max_length=112, **bad)
+    # YAML 1.1 reads "2e-3" as a string: numbers in any spelling are numbers; anything else names its setting
+    c = TrainConfig(lr="2e-3", muon_lr="1e-3", weight_decay="0", optimizer="muon")
+    assert (c.lr, c.muon_lr, c.weight_decay, c.optimizer) == (2e-3, 1e-3, 0.0, "muon")
+    for bad, msg in (({"lr": "fast"}, "lr must be a number, got 'fast'"), ({"muon_lr": -1.0}, "muon_lr must be a "
+                     "positive number"), ({"optimizer": "sgd"}, "Unknown optimizer 'sgd'")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**bad)

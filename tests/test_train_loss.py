@@ -1,5 +1,6 @@
-"""loss_fn and its gradients against PyTorch's VipLlava loss and .backward(), the optimizer against
-torch.optim.AdamW, gradient accumulation against one big batch, LoRA against an unmerged torch forward."""
+"""loss_fn and its gradients against PyTorch's VipLlava loss and .backward(), the optimizers against
+torch.optim.AdamW and torch.optim.Muon, gradient accumulation against one big batch, LoRA against an unmerged
+torch forward."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
 from test_parity import rel_err
 from vipllava_jax.training import loss_fn
 from vipllava_jax.training.lora import LoraConfig, apply_lora, init_lora
-from vipllava_jax.training.optim import lr_schedule, make_optimizer, merge_params, split_params
+from vipllava_jax.training.optim import (is_muon_matrix, lr_schedule, make_optimizer, merge_params,
+                                         split_params)
 from vipllava_jax.training.step import StepConfig, init_state, make_train_step
 
 GRAD_RTOL = 1e-4
@@ -174,6 +176,104 @@ def test_adamw_step_equals_torch():
         assert abs(float(sch(s)) - ref.get_last_lr()[0]) < 1e-9
         ref_opt.step()
         ref.step()
+
+
+def test_muon_step_equals_torch():
+    """Three steps of optimizer="muon" (clip 1.0, warmup + cosine, weight decay) vs torch.optim.Muon
+    (adjust_lr_fn="match_rms_adamw") on the layer matrices and torch.optim.AdamW on the rest, on the same
+    gradients. Our kernels are [in, out] (torch's weight transposed); a scanned [L, in, out] kernel is L torch
+    matrices. torch orthogonalises in bfloat16, we in float32: the matrices' updates agree to bf16 precision."""
+    from transformers import get_cosine_schedule_with_warmup
+    rng = np.random.default_rng(1)
+    p0 = {"layer": {"kernel": rng.standard_normal((6, 10)).astype(np.float32),
+                    "bias": rng.standard_normal(10).astype(np.float32)},
+          "layers": {"kernel": rng.standard_normal((2, 8, 5)).astype(np.float32)},  # scanned: 2 layers
+          "embed": {"embedding": rng.standard_normal((7, 6)).astype(np.float32)},
+          "lm_head": {"kernel": rng.standard_normal((10, 7)).astype(np.float32)}}
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(p0).items()}
+    grads = [{k: (rng.standard_normal(v.shape) * s).astype(np.float32) for k, v in flat.items()}
+             for s in (0.3, 2.0, 0.7)]
+    total, lr, muon_lr, wd = 10, 1e-2, 3e-2, 0.1
+    tx = make_optimizer(lr, total, warmup_ratio=0.2, weight_decay=wd, optimizer="muon", muon_lr=muon_lr)
+    params = jax.tree.map(jnp.asarray, p0)
+    st = tx.init(params)
+    # torch: one parameter per matrix ([out, in]); the scanned kernel's layers are separate matrices
+    muon_t = {"layer/kernel": [torch.nn.Parameter(torch.tensor(flat["layer/kernel"].T.copy()))],
+              "layers/kernel": [torch.nn.Parameter(torch.tensor(m.T.copy())) for m in flat["layers/kernel"]]}
+    adam_t = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in flat.items() if k not in muon_t}
+    muon_opt = torch.optim.Muon([p for ps in muon_t.values() for p in ps], lr=muon_lr, weight_decay=wd,
+                                adjust_lr_fn="match_rms_adamw")
+    adam_opt = torch.optim.AdamW(list(adam_t.values()), lr=lr, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
+    scheds = [get_cosine_schedule_with_warmup(o, 2, total) for o in (muon_opt, adam_opt)]
+    everything = list(adam_t.values()) + [p for ps in muon_t.values() for p in ps]
+    for g in grads:
+        upd, st = tx.update(flax.traverse_util.unflatten_dict(
+            {tuple(k.split("/")): jnp.asarray(v) for k, v in g.items()}), st, params)
+        params = optax.apply_updates(params, upd)
+        for k, p in adam_t.items():
+            p.grad = torch.tensor(g[k])
+        for k, ps in muon_t.items():
+            mats = [g[k]] if g[k].ndim == 2 else list(g[k])
+            for p, m in zip(ps, mats):
+                p.grad = torch.tensor(m.T.copy())
+        torch.nn.utils.clip_grad_norm_(everything, 1.0)  # over every parameter, as our global-norm clip
+        for o, sc in zip((muon_opt, adam_opt), scheds):
+            o.step()
+            sc.step()
+    ours = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    for k, p in adam_t.items():
+        np.testing.assert_allclose(ours[k], p.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+    for k, ps in muon_t.items():
+        theirs = np.stack([p.detach().numpy().T for p in ps]).reshape(flat[k].shape)
+        moved_ours, moved_theirs = ours[k] - flat[k], theirs - flat[k]
+        # bf16 Newton-Schulz in torch: ~0.5% apart; a wrong scale, momentum or decay is tens of percent
+        assert rel_err(moved_ours, moved_theirs) < 2e-2, (k, rel_err(moved_ours, moved_theirs))
+        assert np.abs(moved_theirs).max() > 1e-3  # the matrices did move
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_muon_takes_the_layer_matrices_and_adamw_the_rest(tiny, scan):
+    """Muon gets every attention / MLP / projector kernel of both towers (a scanned layer stack too, per layer);
+    embeddings, lm_head, position and patch embeddings, norms and biases stay on AdamW."""
+    d, _, _, _ = tiny
+    _, params = load_pretrained(d, progress=False, scan_layers=scan)
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+    muon = {k for k, v in flat.items() if is_muon_matrix(k, v.shape)}
+    expected = {k for k in flat if k.endswith("/kernel") and not k.startswith("lm_head")}
+    assert muon == expected and len(muon) > 10
+    assert any(flat[k].ndim == 3 for k in muon) == scan
+    for k in ("language_model/embed_tokens/embedding", "vision_tower/embeddings/position_embedding",
+              "vision_tower/embeddings/patch_embedding", "lm_head/kernel"):
+        assert k in flat and k not in muon, k
+    with pytest.raises(ValueError, match="Unknown optimizer 'sgd'"):
+        make_optimizer(1e-3, 10, optimizer="sgd")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_moments_are_sharded_like_their_parameters(optimizer):
+    """state_shardings gives each moment (AdamW's mu / nu, Muon's momentum inside multi_transform's masked trees)
+    its parameter's sharding, and the counters a replicated one."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from vipllava_jax.training.step import state_shardings
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+    params = {"params": {"a": {"kernel": jnp.zeros((4, 6))}, "b": {"kernel": jnp.zeros((6, 4))},
+                         "n": {"scale": jnp.zeros(6)}}, "lora": {}}
+    specs = {"a": P("fsdp", "tensor"), "b": P("tensor", "fsdp"), "n": P("tensor")}
+    shard = {"params": {k: {next(iter(params["params"][k])): NamedSharding(mesh, v)} for k, v in specs.items()},
+             "lora": {}}
+    tx = make_optimizer(1e-3, 10, optimizer=optimizer)
+    abstract = jax.eval_shape(lambda t: init_state(t, tx), params)
+    sh = state_shardings(abstract, shard, mesh)
+    seen = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sh.opt_state)[0]:
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = next((k for k in keys if k in specs), None)
+        assert leaf.spec == (specs[name] if name else P()), (path, leaf.spec)
+        if name:
+            seen[name] = seen.get(name, 0) + 1
+    # AdamW: mu and nu of every parameter; Muon: a momentum per matrix, mu and nu for the norm
+    assert seen == ({"a": 2, "b": 2, "n": 2} if optimizer == "adamw" else {"a": 1, "b": 1, "n": 2}), seen
+    assert sh.step.spec == P()
 
 
 def test_lora_merge_equals_unmerged_torch_forward(tiny):

@@ -175,6 +175,35 @@ def test_stopped_run_resumes_bitwise(env, full_run, tmp_path, monkeypatch):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_muon_run_learns_and_resumes_bitwise(env, tmp_path, monkeypatch):
+    """optimizer="muon" end to end: the loss falls, and a run stopped at step 7 resumes (Muon's momentum and
+    AdamW's moments restored from orbax) to the same losses and weights as an uninterrupted run."""
+    ref = tmp_path / "ref"
+    train(base_cfg(env, ref, max_steps=16, optimizer="muon", muon_lr=2e-2))
+    lr = losses(ref)
+    assert lr[16] < 0.5 * lr[1], lr
+    saved = json.loads((ref / "train_config.json").read_text())
+    assert saved["optimizer"] == "muon" and saved["muon_lr"] == 2e-2
+    out = tmp_path / "resumed"
+    stop_at = {"step": 7}
+    real = trainer_lib.Preemption.should_stop
+    monkeypatch.setattr(trainer_lib.Preemption, "should_stop", lambda self, step: step == stop_at["step"]
+                        or real(self, step))
+    assert train(base_cfg(env, out, max_steps=16, optimizer="muon", muon_lr=2e-2))["stopped"]
+    stop_at["step"] = -1
+    with pytest.raises(trainer_lib.TrainError, match="optimizer='muon'.*optimizer='adamw'"):
+        train(base_cfg(env, out, max_steps=16))
+    assert train(base_cfg(env, out, max_steps=16, optimizer="muon", muon_lr=2e-2))["steps"] == 16
+    assert losses(out) == lr
+    a, b = hf_weights(out / "hf"), hf_weights(ref / "hf")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # a run saved before these settings existed was an AdamW run: it resumes as one, not as a Muon run
+    old = {k: v for k, v in base_cfg(env, out).to_dict().items() if k not in ("optimizer", "muon_lr")}
+    trainer_lib.check_resume(old, base_cfg(env, out))
+    with pytest.raises(trainer_lib.TrainError, match="optimizer='adamw'.*optimizer='muon'"):
+        trainer_lib.check_resume(old, base_cfg(env, out, optimizer="muon"))
+
+
 def test_resume_with_changed_settings_is_refused(env, full_run):
     out = full_run[0]
     with pytest.raises(trainer_lib.TrainError, match=r"lr=0.02.*lr=0.001"):

@@ -15,7 +15,7 @@ import sys
 from ..parallel.distributed import add_distributed_args, initialize_from_args
 from ..training.config import FIELDS, TrainConfig, read_config_file
 from ..training.lora import LORA_TARGETS
-from ..training.optim import STAGES
+from ..training.optim import OPTIMIZERS, STAGES
 from ..training.trainer import TrainError, train
 
 
@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=S, help="peak learning rate (default: the stage's)")
     p.add_argument("--warmup-ratio", type=float, default=S)
     p.add_argument("--weight-decay", type=float, default=S)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
+                   help="adamw (default), or muon: torch.optim.Muon (AdamW-matched RMS) on the layers' weight "
+                        "matrices, AdamW on embeddings, lm_head, norms and biases")
+    p.add_argument("--muon-lr", type=float, default=S, help="Muon's peak learning rate (default: --lr)")
     p.add_argument("--clip-norm", type=float, default=S)
     p.add_argument("--max-length", type=int, default=S)
     p.add_argument("--length-buckets", default=S,

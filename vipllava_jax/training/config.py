@@ -12,11 +12,14 @@ import yaml
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT
 from .data import check_batching
 from .lora import LORA_TARGETS
-from .optim import STAGES
+from .optim import OPTIMIZERS, STAGES
 
 # Stage defaults from ViP-LLaVA's recipe (../shared facts): stage 1 projector lr 1e-3; stage 2 full 2e-5;
 # LoRA 2e-4 (r 128, alpha 256).
 DEFAULT_LR = {"projector": 1e-3, "full": 2e-5, "lora": 2e-4, "all": 1e-3}
+
+
+FLOAT_FIELDS = ("epochs", "lr", "warmup_ratio", "weight_decay", "muon_lr", "clip_norm", "lora_alpha")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,8 @@ class TrainConfig:
     lr: float | None = None  # None: the stage's default
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # or "muon": torch.optim.Muon on the layers' weight matrices, AdamW on the rest
+    muon_lr: float | None = None  # Muon's peak lr (None: lr); its updates have AdamW's RMS, so lr carries over
     clip_norm: float = 1.0
     max_length: int = 2048
     length_buckets: tuple[int, ...] | None = None  # None: powers of two from 64, and max_length
@@ -64,6 +69,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for f in FLOAT_FIELDS:  # YAML 1.1 reads "2e-3" (no dot) as a string
+            v = getattr(self, f)
+            if isinstance(v, str):
+                try:
+                    object.__setattr__(self, f, float(v))
+                except ValueError:
+                    raise ValueError(f"{f} must be a number, got {v!r}") from None
         for f in ("marker_kinds", "lora_targets"):
             v = getattr(self, f)
             if isinstance(v, str):
@@ -72,6 +84,8 @@ class TrainConfig:
                 object.__setattr__(self, f, tuple(v))
         if self.stage not in STAGES:
             raise ValueError(f"Unknown stage {self.stage!r}; choose from {list(STAGES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         for f in ("batch_size", "grad_accum", "max_length", "log_every", "keep"):
@@ -87,8 +101,10 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}: "
                              f"each optimizer step takes grad_accum micro-batches of batch_size / grad_accum rows")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for f in ("lr", "muon_lr"):
+            v = getattr(self, f)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{f} must be a positive number, got {v!r}")
         object.__setattr__(self, "length_buckets",
                            check_batching(self.length_buckets, self.group_by_length, self.max_length))
 

@@ -148,19 +148,25 @@ def tree_logical_shardings(axes_tree, mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def state_shardings(state_abstract: TrainState, trainable_shardings: dict, mesh) -> TrainState:
-    """Shardings of a TrainState: trainable as given, optimizer moments like the trainable tree (the same
-    structure), counters replicated."""
+    """Shardings of a TrainState: trainable as given, each optimizer moment like its parameter (found by the
+    parameter's key path at the end of the moment's path: AdamW's mu/nu, Muon's momentum, and the masked trees of
+    a multi_transform alike), everything else (counters) replicated."""
     rep = NamedSharding(mesh, P())
-    t_def = jax.tree.structure(trainable_shardings)
+    by_path = {_dict_keys(path): sh for path, sh in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
 
-    def like(x):
-        try:
-            return jax.tree.structure(x) == t_def
-        except Exception:  # noqa: BLE001
-            return False
+    def pick(path, x):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            if keys[i:] in by_path:
+                return by_path[keys[i:]]
+        return rep
 
-    opt = jax.tree.map(lambda x: trainable_shardings if like(x) else rep, state_abstract.opt_state, is_leaf=like)
+    opt = jax.tree_util.tree_map_with_path(pick, state_abstract.opt_state)
     return TrainState(step=rep, trainable=trainable_shardings, opt_state=opt, nonfinite_run=rep, skipped_total=rep)
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def jit_train_step(step_fn, mesh, state_sh, frozen_sh, batch_sh, rules=LOGICAL_AXIS_RULES):

@@ -35,7 +35,7 @@ from ..parallel.mesh import make_mesh
 from ..parallel.shardings import param_logical_axes, param_shardings
 from . import data as data_lib
 from .checkpointing import RunCheckpoints, abstract_like
-from .config import TrainConfig
+from .config import FIELDS, TrainConfig
 from .export import export_hf
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .optim import lr_schedule, make_optimizer, split_params
@@ -44,8 +44,9 @@ from .step import (StepConfig, batch_shardings, host_batch_multiple, init_state,
 
 # Settings that change what a resumed run computes: resuming with any of them changed is refused.
 RESUME_KEYS = ("model", "data", "image_folder", "stage", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
-               "warmup_ratio", "weight_decay", "clip_norm", "max_length", "template", "system_prompt",
-               "pad_to_square", "marker_kinds", "lora_rank", "lora_alpha", "lora_targets", "dtype", "seed")
+               "warmup_ratio", "weight_decay", "optimizer", "muon_lr", "clip_norm", "max_length", "template",
+               "system_prompt", "pad_to_square", "marker_kinds", "lora_rank", "lora_alpha", "lora_targets", "dtype",
+               "seed")
 
 
 class TrainError(RuntimeError):
@@ -161,10 +162,11 @@ def total_steps(cfg: TrainConfig, n_records: int) -> int:
 
 def check_resume(saved: dict, cfg: TrainConfig) -> None:
     now = cfg.to_dict()
-    diffs = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    was = {k: saved.get(k, FIELDS[k].default) for k in RESUME_KEYS}  # a key saved before it existed: its default
+    diffs = [k for k in RESUME_KEYS if was[k] != now.get(k)]
     if diffs and not cfg.force_resume:
         k = diffs[0]
-        raise TrainError(f"{cfg.output} holds a run with {k}={saved.get(k)!r}, but this run has {k}={now.get(k)!r} "
+        raise TrainError(f"{cfg.output} holds a run with {k}={was[k]!r}, but this run has {k}={now.get(k)!r} "
                          f"({len(diffs)} setting(s) differ: {', '.join(diffs)}); use a new --output, or "
                          f"--force-resume to resume anyway")
 
@@ -255,7 +257,7 @@ def setup(cfg: TrainConfig) -> Setup:
         lora = jax.jit(lambda k: init_lora(frozen, lora_cfg, k), out_shardings=lora_sh)(jax.random.key(cfg.seed))
         trainable["lora"], trainable_sh["lora"] = lora, lora_sh
     tx = make_optimizer(cfg.learning_rate, steps, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-                        clip_norm=cfg.clip_norm)
+                        clip_norm=cfg.clip_norm, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
     abstract = jax.eval_shape(lambda t: init_state(t, tx), trainable)
     state_sh = state_shardings(abstract, trainable_sh, mesh)
     fresh = lambda: jax.jit(lambda t: init_state(t, tx), out_shardings=state_sh)(trainable)  # noqa: E731
