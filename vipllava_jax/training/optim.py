@@ -146,9 +146,9 @@ def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, w
     adamw = optax.adamw(lr_schedule(lr, total_steps, warmup_ratio), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if optimizer == "adamw":
         return optax.chain(*parts, adamw)
+    # -lr * (adjusted update + wd * p): torch's p * (1 - lr * wd) - adjusted_lr * update
     muon = optax.chain(scale_by_muon(), optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(lr_schedule(muon_lr, total_steps, warmup_ratio)))
-    # -lr * (adjusted update + wd * p): torch's p * (1 - lr * wd) - adjusted_lr * update
 
     def labels(params):
         def label(path, v):
