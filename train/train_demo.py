@@ -21,7 +21,8 @@ Steps (each its own library call, so any can be run by hand):
 The shipped model (measured 2026-12-03, eighth session; 2-core CPU): one run of train/configs/demo.yaml from
 scratch, Muon on the layers' weight matrices (lr 2e-3) and AdamW on the rest (3e-4), 2600 steps: 857 s in all
 (data 19 s, init 3 s, training 832 s, eval 3 s), 90.5% on the 200 held-out scenes (colour 96%, count 66%,
-left/right 100%, shape 100%), 92.0% on 800 (count 74%). Probes before it, with optax.contrib.muon (consistent_rms
+left/right 100%, shape 100%), 92.0% on 800 (count 74%); again, as written, from a fresh clone: 895 s in all
+(training 868 s), bitwise the same weights. Probes before it, with optax.contrib.muon (consistent_rms
 0.2, the same RMS rule) and 2400 steps: Muon lr 1e-3 88.5% (90.5% on 800), 2e-3 88.5% (91.2% on 800), against
 69.0% for AdamW alone in 2400 steps; training loss ~0.05 by step 2000 where AdamW was at ~0.2. Our Muon
 (`optimizer: muon`, torch.optim.Muon's math, Newton-Schulz in float32) costs ~4% per step here (257 ms against 247
