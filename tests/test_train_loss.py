@@ -226,8 +226,9 @@ def test_muon_step_equals_torch():
     for k, ps in muon_t.items():
         theirs = np.stack([p.detach().numpy().T for p in ps]).reshape(flat[k].shape)
         moved_ours, moved_theirs = ours[k] - flat[k], theirs - flat[k]
-        # bf16 Newton-Schulz in torch: ~0.5% apart; a wrong scale, momentum or decay is tens of percent
-        assert rel_err(moved_ours, moved_theirs) < 2e-2, (k, rel_err(moved_ours, moved_theirs))
+        # torch's bf16 Newton-Schulz: measured 1.9% apart here; a 10% wrong scale, no Nesterov, no decay or no
+        # momentum each move them by more than 5% (checked by mutation)
+        assert rel_err(moved_ours, moved_theirs) < 5e-2, (k, rel_err(moved_ours, moved_theirs))
         assert np.abs(moved_theirs).max() > 1e-3  # the matrices did move
 
 
