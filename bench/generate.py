@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny", choices=("tiny", "7b", "13b"), help="a vipllava_jax.plan preset")
+    ap.add_argument("--config", default="tiny", choices=("tiny", "7b", "13b"), help="a vipllava_jax.models.PRESETS preset")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="default: float32 for tiny, bfloat16 otherwise")
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes for decode throughput")

@@ -45,8 +45,10 @@ import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
-from vipllava_jax import demo, load_pretrained, synthetic
-from vipllava_jax.processing import Processor
+from vipllava_jax import load_pretrained
+from vipllava_jax.data import synthetic
+from vipllava_jax.evals import demo
+from vipllava_jax.data import Processor
 
 work = Path(WORKDIR or tempfile.mkdtemp(prefix="vipllava-finetune-"))
 base = demo.demo_model_path()
@@ -75,7 +77,7 @@ for turn in example["conversations"]:
 """)
 md("## 5. Before: the shipped model on the new question")
 code("""
-from vipllava_jax.generation.evaluation import evaluate
+from vipllava_jax.evals import evaluate
 
 def score(module, params):
     answers, acc, stats = evaluate(module, params, processor, heldout_json, image_folder=work / "data",

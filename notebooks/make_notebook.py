@@ -53,7 +53,7 @@ code("""
 import tempfile
 from vipllava_jax import load_pretrained
 from vipllava_jax.checkpoints import resolve_model_path
-from vipllava_jax.processing import DEFAULT_SYSTEM_PROMPT, Processor
+from vipllava_jax.data import DEFAULT_SYSTEM_PROMPT, Processor
 
 model_dir, tiny = None, False
 if not TINY:
@@ -76,7 +76,7 @@ print(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters")
 md("## 5. An image")
 code("""
 from PIL import Image, ImageDraw
-from vipllava_jax.processing import load_image
+from vipllava_jax.data import load_image
 
 if IMAGE:
     image = load_image(IMAGE)
@@ -98,7 +98,7 @@ coordinates in pixels or, with `normalized=True`, in [0, 1]. A warning tells you
 centre crop; `pad_to_square=True` keeps the whole image instead.
 """)
 code("""
-from vipllava_jax import visual_prompts as vp
+from vipllava_jax.data import visual_prompts as vp
 
 markers = [
     vp.Rectangle((0.15, 0.25, 0.52, 0.8), normalized=True, color="red"),  # around the house
@@ -112,7 +112,7 @@ marked
 md("## 7. Ask about the marked region")
 code("""
 from vipllava_jax import generate_stream
-from vipllava_jax.processing import build_prompt
+from vipllava_jax.data import build_prompt
 
 enc = proc([build_prompt(question, system=system)], [marked])
 answer = ""

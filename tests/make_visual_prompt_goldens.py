@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vipllava_jax import visual_prompts as vp
+from vipllava_jax.data import visual_prompts as vp
 
 OUT = Path(__file__).with_name("goldens") / "visual_prompts"
 PILLOW_VERSION = "13.0.0"  # the Pillow that drew the committed goldens

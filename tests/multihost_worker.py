@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from vipllava_jax import distributed  # noqa: E402
+from vipllava_jax.parallel import distributed  # noqa: E402
 
 MESHES = ("data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2")
 
@@ -63,7 +63,7 @@ def main():
     assert distributed.initialize_from_args(args), "expected a multi-process run"
 
     from vipllava_jax import load_pretrained
-    from vipllava_jax.sharding import make_mesh, sharded_forward, sharded_generate
+    from vipllava_jax import make_mesh, sharded_forward, sharded_generate
 
     pid = jax.process_index()
     info = {"process_index": pid, "process_count": jax.process_count(), "device_count": jax.device_count(),

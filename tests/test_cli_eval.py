@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from vipllava_jax import evaluation as ev
-from vipllava_jax import synthetic as syn
-from vipllava_jax.checkpoint import load_pretrained
+from vipllava_jax.evals import evaluation as ev
+from vipllava_jax.data import synthetic as syn
+from vipllava_jax import load_pretrained
 from vipllava_jax.cli import main
-from vipllava_jax.processing import Processor
+from vipllava_jax.data import Processor
 from vipllava_jax.testing import make_tiny_checkpoint
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
+from vipllava_jax.testing import make_tiny_processor
 
 
 @pytest.fixture(scope="module")

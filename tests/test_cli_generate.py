@@ -8,9 +8,9 @@ from PIL import Image
 from vipllava_jax import load_pretrained
 from vipllava_jax.cli import main
 from vipllava_jax.generation import generate, stop_strings_for
-from vipllava_jax.processing import Processor, build_prompt
+from vipllava_jax.data import Processor, build_prompt
 from vipllava_jax.testing import make_tiny_checkpoint
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
+from vipllava_jax.testing import make_tiny_processor
 
 NEW = 12
 QUESTION = "What is in the red box?"
@@ -113,8 +113,8 @@ def test_clear_errors(ckpt, capsys, tmp_path, monkeypatch):
 def test_markers_are_drawn_saved_and_named(ckpt, capsys, tmp_path):
     """--box/--arrow draw on the image before preprocessing; --save-marked shows exactly that image; the answer is
     the library's for the marked image; <bbox> becomes the first marker's phrase."""
-    from vipllava_jax import visual_prompts as vp
-    from vipllava_jax.processing import load_image
+    from vipllava_jax.data import visual_prompts as vp
+    from vipllava_jax.data import load_image
     hf, _, img = ckpt
     out_png = tmp_path / "marked.png"
     rc, out, err = run_cli(capsys, "--model", hf, "--image", img, "--prompt", "What is <bbox>?",

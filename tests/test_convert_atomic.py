@@ -117,7 +117,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_output(src, tmp_path):
 _KILL_SCRIPT = r"""
 import os, signal, sys
 import shutil
-from vipllava_jax import hf_io
+from vipllava_jax.checkpoints import hf_io
 from vipllava_jax.cli import main
 stage = sys.argv[1]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vipllava_jax import demo, generate
-from vipllava_jax import synthetic as syn
-from vipllava_jax.checkpoint import load_pretrained
+from vipllava_jax import generate
+from vipllava_jax.evals import demo
+from vipllava_jax.data import synthetic as syn
+from vipllava_jax import load_pretrained
 from vipllava_jax.cli import main
-from vipllava_jax.cli.demo import shipped_model_available
-from vipllava_jax.processing import Processor, build_prompt
+from vipllava_jax.evals.demo import shipped_model_available
+from vipllava_jax.data import Processor, build_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))

@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 
 from vipllava_jax import load_pretrained
-from vipllava_jax.checkpoint import save_orbax
+from vipllava_jax.checkpoints import save_orbax
 from vipllava_jax.cli import main
 from vipllava_jax.generation import generate
-from vipllava_jax.hf_io import CheckpointError
-from vipllava_jax.processing import ImageConfig, Processor
+from vipllava_jax.checkpoints import CheckpointError
+from vipllava_jax.data import ImageConfig, Processor
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
-from vipllava_jax import visual_prompts as vp
+from vipllava_jax.testing import make_tiny_processor
+from vipllava_jax.data import visual_prompts as vp
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -334,9 +334,9 @@ def test_mesh_error_in_a_subprocess_with_three_devices(hf, orbax):
     code = f"""
 import numpy as np, jax
 from vipllava_jax import load_pretrained
-from vipllava_jax.checkpoint import restore_orbax
+from vipllava_jax.checkpoints import restore_orbax
 from vipllava_jax.generation import generate
-from vipllava_jax.sharding import shard_params, sharded_forward
+from vipllava_jax.parallel import shard_params, sharded_forward
 m = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 1, 3), ('data', 'fsdp', 'tensor'))
 module, params = load_pretrained({str(hf)!r}, progress=False)
 ids = np.array([[1, 5, 6]])

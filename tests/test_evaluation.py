@@ -1,12 +1,12 @@
-"""vipllava_jax.evaluation: metrics, batched answers equal one-at-a-time generation, ViP-Bench files, bad records."""
+"""vipllava_jax.evals.evaluation: metrics, batched answers equal one-at-a-time generation, ViP-Bench files, bad records."""
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vipllava_jax import evaluation as ev
-from vipllava_jax import synthetic as syn
+from vipllava_jax.evals import evaluation as ev
+from vipllava_jax.data import synthetic as syn
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
@@ -65,10 +65,10 @@ def test_parse_records():
 # --- the harness on a tiny random checkpoint -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from vipllava_jax.checkpoint import load_pretrained
-    from vipllava_jax.processing import Processor
+    from vipllava_jax import load_pretrained
+    from vipllava_jax.data import Processor
     from vipllava_jax.testing import make_tiny_checkpoint
-    from vipllava_jax.tiny_tokenizer import make_tiny_processor
+    from vipllava_jax.testing import make_tiny_processor
     d = tmp_path_factory.mktemp("tiny")
     make_tiny_checkpoint(d, max_position_embeddings=512)
     make_tiny_processor(d, image_size=30, image_seq_length=25)
@@ -86,9 +86,9 @@ def synth(tmp_path_factory):
 
 def _one_at_a_time(tiny, rec, image_folder, max_new_tokens, template="llava_v1"):
     """What a user gets from the generation API for one record, batch 1."""
-    from vipllava_jax import visual_prompts as vp
+    from vipllava_jax.data import visual_prompts as vp
     from vipllava_jax.generation import generate, stop_strings_for
-    from vipllava_jax.processing import build_prompt, load_image
+    from vipllava_jax.data import build_prompt, load_image
     module, params, proc, _ = tiny
     q = rec["conversations"][0]["value"].replace("<image>\n", "")
     img = load_image(str(image_folder / rec["image"]))
@@ -126,7 +126,7 @@ def test_batched_equals_one_at_a_time(tiny, synth, template):
 
 
 def test_draw_regions_kinds():
-    from vipllava_jax import visual_prompts as vp
+    from vipllava_jax.data import visual_prompts as vp
     img = Image.new("RGB", (64, 48), (200, 200, 200))
     regions = [ev.Region((10, 10, 30, 30)), ev.Region(None, ((40, 5, 60, 5, 60, 40, 40, 40),))]
     for kind in vp.MARKER_KINDS:

@@ -11,9 +11,9 @@ from vipllava_jax import load_pretrained
 from vipllava_jax.generation import (SamplingConfig, StopStrings, apply_repetition_penalty,
                                      apply_temperature, apply_top_k, apply_top_p, bucket_length, generate,
                                      generate_stream, generate_stream_tokens, select_tokens, stop_strings_for)
-from vipllava_jax.processing import Processor, build_prompt
+from vipllava_jax.data import Processor, build_prompt
 from vipllava_jax.testing import TINY_PAD_TOKEN, make_tiny_checkpoint
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
+from vipllava_jax.testing import make_tiny_processor
 
 from vipllava_jax.generation.loop import _compiled
 from vipllava_jax.testing.parity import make_inputs

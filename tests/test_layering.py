@@ -8,12 +8,11 @@ including those inside functions.
   rank 1  parallel
   rank 2  checkpoints
   rank 3  generation, training  (peers: neither imports the other)
-  rank 4  testing
+  rank 4  evals, testing        (peers)
   rank 5  cli
 
-A module may import its own sub-package and sub-packages of a lower rank. The top-level modules other than
-``__init__`` are re-export shims for old import paths: they stand outside the layers, stay small, import only
-from sub-packages, and nothing in the package imports them (nor the package root).
+A module may import its own sub-package and sub-packages of a lower rank. The package root (``__init__``) is the
+only top-level module, and no module anywhere only re-exports another: one name for each thing (issue 25).
 """
 from __future__ import annotations
 
@@ -26,12 +25,11 @@ import vipllava_jax
 
 PKG_DIR = Path(vipllava_jax.__file__).resolve().parent
 ROOT = "vipllava_jax"
-RANK = {"models": 0, "data": 0, "parallel": 1, "checkpoints": 2, "generation": 3, "training": 3, "testing": 4,
-        "cli": 5}
+RANK = {"models": 0, "data": 0, "parallel": 1, "checkpoints": 2, "generation": 3, "training": 3, "evals": 4,
+        "testing": 4, "cli": 5}
 # Imported inside functions on purpose: optional (torch, huggingface_hub: hub downloads) or heavy to import and
 # needed on one path only (transformers, tokenizers: a checkpoint's tokenizer, the tiny test processor).
 LAZY_OK = {"torch", "transformers", "tokenizers", "huggingface_hub"}
-SHIM_MAX_LINES = 40
 
 
 def _module_name(path: Path) -> str:
@@ -196,35 +194,44 @@ def test_imports_at_module_level():
                      + "\n  ".join(bad))
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if layer(m) == "shim"))
-def test_shims_are_small_and_point_into_the_subpackages(name):
-    lines = MODULES[name].read_text().splitlines()
-    assert len(lines) <= SHIM_MAX_LINES, f"{name} is a top-level module of {len(lines)} lines: code lives in the " \
-                                         f"sub-packages, top-level modules only re-export"
-    for dst, line, lazy in IMPORTS[name].found:
-        if dst.split(".")[0] == ROOT:
-            assert layer(dst) not in ("root", "shim"), f"{_where(name, line)}: a shim imports {dst}"
-        else:
-            assert dst == "sys", f"{_where(name, line)}: a shim imports {dst}; it only re-exports the package's names"
+def test_no_top_level_modules_but_the_root():
+    """Code lives in the sub-packages; the old flat module paths (vipllava_jax.processing, .convert, ...) are gone."""
+    extra = sorted(m for m in MODULES if layer(m) == "shim")
+    assert not extra, f"top-level modules besides __init__ (give each thing one name, in its sub-package): {extra}"
 
 
-def test_old_import_paths_still_work():
-    """Names the README and the issues use, from where they always were."""
+def _only_reexports(tree: ast.Module) -> bool:
+    """A module body of nothing but a docstring, imports, ``__all__`` and ``sys.modules[...] = ...``."""
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue
+        if isinstance(node, ast.Assign) and all(
+                (isinstance(t, ast.Name) and t.id == "__all__") or
+                (isinstance(t, ast.Subscript) and "sys.modules" in ast.unparse(t)) for t in node.targets):
+            continue
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if not _is_package(m)))
+def test_no_module_only_reexports_another(name):
+    tree = ast.parse(MODULES[name].read_text(), str(MODULES[name]))
+    assert not _only_reexports(tree), f"{name} only re-exports other modules' names: import them from where they " \
+                                      f"live (sub-package __init__ files are the one place that gathers names)"
+
+
+def test_public_paths():
+    """The names checks outside the repository call (issue 25), from exactly these paths."""
     import importlib
     for mod, names in {
-        "vipllava_jax": ["load_pretrained", "generate", "generate_stream", "generate_stream_tokens", "make_mesh",
-                         "sharded_forward", "sharded_generate", "plan_memory", "PRESETS", "save_orbax",
-                         "restore_orbax", "load_config", "load_hf_params", "save_hf"],
-        "vipllava_jax.processing": ["Processor", "build_prompt", "load_image", "ImageConfig", "preprocess_image"],
-        "vipllava_jax.convert": ["save_hf", "canonical_key", "flat_paths", "abstract_params"],
-        "vipllava_jax.testing": ["make_tiny_checkpoint", "tiny_hf_config", "TINY_IMAGE_TOKEN"],
-        "vipllava_jax.tiny_tokenizer": ["make_tiny_processor"],
-        "vipllava_jax.distributed": ["initialize"],
-        "vipllava_jax.sharding_rules": ["LOGICAL_AXIS_RULES", "MESH_AXES"],
-        "vipllava_jax.sharding": ["make_mesh", "param_sharding_tree", "sharded_generate", "shard_params"],
-        "vipllava_jax.checkpoint": ["load_pretrained", "resolve_model_path", "relayout"],
-        "vipllava_jax.plan": ["PRESETS", "plan_memory"],
-        "vipllava_jax.visual_prompts": ["draw_markers", "Rectangle", "build_question", "_triangle_points"],
+        "vipllava_jax": ["load_pretrained", "generate", "generate_stream", "sharded_generate", "make_mesh"],
+        "vipllava_jax.training": ["loss_fn", "train", "TrainConfig"],
+        "vipllava_jax.testing": ["make_tiny_checkpoint", "make_tiny_processor"],
+        "vipllava_jax.data.synthetic": ["make_scene", "write_dataset", "DEMO_SCENE"],
+        "vipllava_jax.evals": ["evaluate", "run_demo", "heldout_accuracy", "write_heldout", "demo_model_path"],
+        "vipllava_jax.cli": ["main"],
     }.items():
         m = importlib.import_module(mod)
         missing = [n for n in names if not hasattr(m, n)]

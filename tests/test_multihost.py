@@ -93,7 +93,7 @@ def test_two_processes_match_single_process(tmp_path):
 
 def test_distributed_flags_and_single_process_noop(monkeypatch):
     import argparse
-    from vipllava_jax import distributed
+    from vipllava_jax.parallel import distributed
     for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(v, raising=False)
     ap = distributed.add_distributed_args(argparse.ArgumentParser())

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vipllava_jax.cli.demo import shipped_model_available
+from vipllava_jax.evals.demo import shipped_model_available
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

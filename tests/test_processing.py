@@ -1,4 +1,4 @@
-"""vipllava_jax.processing vs transformers' own processor (LlavaProcessor + CLIPImageProcessor), offline."""
+"""vipllava_jax.data vs transformers' own processor (LlavaProcessor + CLIPImageProcessor), offline."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vipllava_jax.processing import (
+from vipllava_jax.data import (
     DEFAULT_SYSTEM_PROMPT, ImageConfig, Processor, build_prompt, load_image, preprocess_image,
 )
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
+from vipllava_jax.testing import make_tiny_processor
 
 transformers = pytest.importorskip("transformers")
 

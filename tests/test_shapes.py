@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig as HFConfig, VipLlavaForConditionalGeneration
 
 from vipllava_jax import Runtime, VipLlavaConfig, VipLlavaForConditionalGeneration as Ours
-from vipllava_jax.convert import abstract_params, flat_paths
+from vipllava_jax.models.params import abstract_params, flat_paths
 
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")

@@ -44,11 +44,12 @@ import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from vipllava_jax import load_pretrained, save_orbax  # noqa: E402
-from vipllava_jax.convert import flat_paths  # noqa: E402
+from vipllava_jax.models.params import flat_paths  # noqa: E402
 from vipllava_jax.models import KVCache  # noqa: E402
-from vipllava_jax.plan import PRESETS, plan_memory  # noqa: E402
-from vipllava_jax.sharding import (cache_shardings, logical_spec, make_mesh, param_logical_axes,  # noqa: E402
-                                   parse_mesh_spec, sharded_forward, sharded_generate)
+from vipllava_jax.models import PRESETS
+from vipllava_jax.parallel import plan_memory  # noqa: E402
+from vipllava_jax import make_mesh, sharded_forward, sharded_generate  # noqa: E402
+from vipllava_jax.parallel import cache_shardings, logical_spec, param_logical_axes, parse_mesh_spec  # noqa: E402
 from vipllava_jax.generation import generate  # noqa: E402
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint  # noqa: E402
 from vipllava_jax.testing.parity import rel_err  # noqa: E402
@@ -319,7 +320,7 @@ def test_train_step_on_a_mesh(loaded, reference):
     optimizer state stay where the rules put them (donated buffers included)."""
     import optax
     from jax.sharding import NamedSharding
-    from vipllava_jax.sharding import io_sharding, jit_sharded, param_sharding_tree, put_global, shardings_like_params
+    from vipllava_jax.parallel import io_sharding, jit_sharded, param_shardings, put_global, shardings_like_params
     mesh, module, params = loaded("fsdp=4,tensor=2")
     _, ref_params, (ids, pixels, mask), _ = reference
     opt = optax.adam(1e-3)
@@ -334,7 +335,7 @@ def test_train_step_on_a_mesh(loaded, reference):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s, loss, g
 
-    ps = param_sharding_tree(module.config, mesh)
+    ps = param_shardings(module.config, mesh)
     ss = shardings_like_params(jax.eval_shape(opt.init, params), ps, mesh)
     state = jax.jit(opt.init, out_shardings=ss)(params)
     rep = NamedSharding(mesh, P())
@@ -359,13 +360,14 @@ def test_activation_estimate_is_near_xla():
     """The plan's activation estimate vs XLA's own temp-buffer size for the compiled, sharded prefill of a
     mid-sized config where activations dominate (within 2x either way; it is an estimate)."""
     from vipllava_jax import VipLlavaForConditionalGeneration
-    from vipllava_jax.sharding import abstract_param_tree, io_sharding, jit_sharded, param_sharding_tree
+    from vipllava_jax.models.params import abstract_param_tree
+    from vipllava_jax.parallel import io_sharding, jit_sharded, param_shardings
     cfg = PRESETS["tiny"]
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, hidden_size=256, intermediate_size=1024, vocab_size=1024,
                                                num_attention_heads=8, num_key_value_heads=8))
     spec, b, t = "data=2,fsdp=2,tensor=2", 8, 256
     mesh, m = make_mesh(spec, cfg), VipLlavaForConditionalGeneration(cfg)
-    ps = param_sharding_tree(cfg, mesh)
+    ps = param_shardings(cfg, mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.value.shape, jnp.float32), abstract_param_tree(cfg),
                             is_leaf=lambda x: hasattr(x, "value"))
     f = jit_sharded(lambda p, i, px, mk: m.apply({"params": p}, i, px, mk, last_token_only=True).logits, mesh,

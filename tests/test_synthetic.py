@@ -1,4 +1,4 @@
-"""The synthetic visual-prompt task (vipllava_jax.synthetic): seeded, right answers, markers that matter,
+"""The synthetic visual-prompt task (vipllava_jax.data.synthetic): seeded, right answers, markers that matter,
 records the training pipeline reads."""
 import collections
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from vipllava_jax import synthetic as syn
-from vipllava_jax import visual_prompts as vp
+from vipllava_jax.data import synthetic as syn
+from vipllava_jax.data import visual_prompts as vp
 
 N_SCENES = 160
 
@@ -212,8 +212,8 @@ def test_options():
 
 @pytest.fixture(scope="module")
 def tiny_processor(tmp_path_factory):
-    from vipllava_jax.processing import Processor
-    from vipllava_jax.tiny_tokenizer import make_tiny_processor
+    from vipllava_jax.data import Processor
+    from vipllava_jax.testing import make_tiny_processor
     d = tmp_path_factory.mktemp("proc")
     make_tiny_processor(d, image_size=30, image_seq_length=25)
     return Processor.from_pretrained(d)

@@ -11,9 +11,9 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from vipllava_jax import visual_prompts as vp
-from vipllava_jax.processing import ImageConfig, Processor, build_prompt
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
+from vipllava_jax.data import visual_prompts as vp
+from vipllava_jax.data import ImageConfig, Processor, build_prompt
+from vipllava_jax.testing import make_tiny_processor
 from vipllava_jax.training import data as D
 from vipllava_jax.training.config import TrainConfig
 

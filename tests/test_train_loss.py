@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from vipllava_jax import load_pretrained
-from vipllava_jax.convert import canonical_key, to_hf_state_dict
+from vipllava_jax.checkpoints import to_hf_state_dict
+from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
 from test_parity import rel_err
 from vipllava_jax.training import loss_fn

@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from vipllava_jax import load_pretrained
-from vipllava_jax.convert import canonical_key
+from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.cli import main as cli_main
 from vipllava_jax.testing import make_tiny_checkpoint
-from vipllava_jax.tiny_tokenizer import make_tiny_processor
+from vipllava_jax.testing import make_tiny_processor
 from test_parity import rel_err
 from vipllava_jax.training import TrainConfig, train
 from vipllava_jax.training import trainer as trainer_lib
@@ -431,7 +431,7 @@ def test_full_disk_is_one_clear_error_and_the_last_checkpoint_resumes(env, full_
 def test_eval_loss_and_keeping_latest_and_best(env, tmp_path):
     """Eval every 3 steps: its loss is the supervised-token mean of HF-convention losses over the eval set
     (recomputed here from the exported model), and the checkpoints kept are the 2 newest and the 2 best."""
-    from vipllava_jax.processing import Processor
+    from vipllava_jax.data import Processor
     from vipllava_jax.training import data as D
     from vipllava_jax.training.loss import loss_fn
     root, model, data = env

@@ -7,8 +7,8 @@ import PIL
 import pytest
 from PIL import Image
 
-from vipllava_jax import visual_prompts as vp
-from vipllava_jax.processing import ImageConfig, preprocess_image
+from vipllava_jax.data import visual_prompts as vp
+from vipllava_jax.data import ImageConfig, preprocess_image
 
 from make_visual_prompt_goldens import OUT as GOLDENS, PILLOW_VERSION, canvas, golden_markers
 

@@ -6,7 +6,7 @@ word-level BPE tokenizer trained on the synthetic task's words.
 
 OUT_DIR gets config.json + model.safetensors (transformers' `VipLlavaForConditionalGeneration(config)`, HF's
 own init, seeded), tokenizer.json / tokenizer_config.json, processor_config.json / preprocessor_config.json and
-chat_template.jinja: what `vipllava_jax.processing.Processor.from_pretrained`, `vipllava_jax.load_pretrained`
+chat_template.jinja: what `vipllava_jax.data.Processor.from_pretrained`, `vipllava_jax.load_pretrained`
 and transformers' `AutoProcessor` / `VipLlavaForConditionalGeneration.from_pretrained` read. `vipllava-jax train
 --stage all` then trains it from scratch (train/train_demo.py runs the whole recipe).
 
@@ -51,8 +51,8 @@ def tokenizer_corpus() -> list[str]:
     words, each line as often as it is
     likely in training (question forms once per phrase; the fixed words many times)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vipllava_jax import synthetic as syn
-    from vipllava_jax import visual_prompts as vp
+    from vipllava_jax.data import synthetic as syn
+    from vipllava_jax.data import visual_prompts as vp
 
     phrases = []
     for kind, (prep, noun) in vp.PHRASE_WORDS.items():
@@ -80,7 +80,7 @@ def build_tokenizer(vocab_size: int = DEMO_MODEL["vocab_size"]):
     """The demo's `tokenizers.Tokenizer` (see the module docstring); deterministic."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from vipllava_jax.tiny_tokenizer import TINY_CHARS
+    from vipllava_jax.testing.tiny_tokenizer import TINY_CHARS
 
     alphabet = [SPACE if c == " " else c for c in TINY_CHARS]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -110,7 +110,7 @@ def build_tokenizer(vocab_size: int = DEMO_MODEL["vocab_size"]):
 
 def write_processor(out_dir, *, image_size: int = DEMO_MODEL["image_size"],
                     patch_size: int = DEMO_MODEL["patch_size"], vocab_size: int = DEMO_MODEL["vocab_size"]) -> dict:
-    """Write the tokenizer and processor files (as `vipllava_jax.tiny_tokenizer.make_tiny_processor` does, with
+    """Write the tokenizer and processor files (as `vipllava_jax.testing.make_tiny_processor` does, with
     the demo's BPE tokenizer). Returns the token ids."""
     from vipllava_jax.testing.tiny_tokenizer import save_processor
 

@@ -5,7 +5,7 @@
 """
 import sys
 
-from vipllava_jax.cli_train import main
+from vipllava_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 
 Steps (each its own library call, so any can be run by hand):
 
-1. data: `vipllava_jax.synthetic.write_dataset(WORK/data, --n-train, seed=demo.TRAIN_SEED, pre_marked=True)`
+1. data: `vipllava_jax.data.synthetic.write_dataset(WORK/data, --n-train, seed=demo.TRAIN_SEED, pre_marked=True)`
    (scenes (0, i); the held-out scenes are (demo.HELDOUT_SEED, i), so the two never meet);
 2. init: `train/make_demo_model.py WORK/init` (random VipLlava + the demo tokenizer);
 3. train: `vipllava_jax.training.train` with train/configs/demo.yaml (the same as
@@ -15,7 +15,7 @@ Steps (each its own library call, so any can be run by hand):
    --image-folder WORK/data --output WORK/run`), which writes WORK/run/hf; with --rounds R, round r > 1 trains
    again with the same config (its whole schedule: warmup, cosine) from round r-1's model into WORK/run{r};
 4. eval: exact-match accuracy of the last round's hf on the 200 held-out scenes
-   (`vipllava_jax.demo.heldout_accuracy`), overall and per question type, against chance;
+   (`vipllava_jax.evals.demo.heldout_accuracy`), overall and per question type, against chance;
 5. --install: copy that hf's model, config, tokenizer and processor files to vipllava_jax/assets/demo_model.
 
 The shipped model (measured 2026-12-03, eighth session; 2-core CPU): one run of train/configs/demo.yaml from
@@ -118,8 +118,8 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 
 def make_data(work: Path, n_train: int, questions_per_scene: int, question_types=None, marker_kinds=None) -> Path:
     """The training scenes (every question type and marker kind unless a reduced task names some)."""
-    from vipllava_jax import demo
-    from vipllava_jax.synthetic import DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, write_dataset
+    from vipllava_jax.evals import demo
+    from vipllava_jax.data.synthetic import DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, write_dataset
     question_types = tuple(question_types or QUESTION_TYPES)
     marker_kinds = tuple(marker_kinds or MARKER_KINDS)
     data = work / "data"
@@ -185,9 +185,9 @@ def main(argv=None) -> int:
     import yaml
 
     from make_demo_model import make_demo_model
-    from vipllava_jax import demo
-    from vipllava_jax.cli.demo import SHIPPED_MODEL_DIR
-    from vipllava_jax.synthetic import MARKER_KINDS, QUESTION_TYPES
+    from vipllava_jax.evals import demo
+    from vipllava_jax.evals.demo import SHIPPED_MODEL_DIR
+    from vipllava_jax.data.synthetic import MARKER_KINDS, QUESTION_TYPES
     from vipllava_jax.training import TrainConfig, train
     from vipllava_jax.training.config import read_config_file
 

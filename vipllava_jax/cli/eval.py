@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT
-from ..generation.evaluation import METRICS, evaluate, load_eval_records, write_answers, write_vipbench_results
+from ..evals.evaluation import METRICS, evaluate, load_eval_records, write_answers, write_vipbench_results
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
 from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
 

@@ -28,7 +28,7 @@ Shape colours (black, gray, brown, green, pink, teal) are none of the nine marke
 yellow, fuchsia, aqua, orange, purple, gold), so a colour word in a question's marker phrase is never an answer
 and a marker's pixels never look like a shape's.
 
-    from vipllava_jax.synthetic import make_scene, write_dataset
+    from vipllava_jax.data.synthetic import make_scene, write_dataset
     scene = make_scene(7)                      # scene.image (marked), .question, .answer, .metadata
     write_dataset("data/synth", 1000, seed=0)  # data/synth/images/*.png + data/synth/data.json
 

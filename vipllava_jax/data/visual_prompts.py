@@ -4,7 +4,7 @@ ViP-LLaVA (arXiv 2312.00784) learned to read markers drawn straight onto the RGB
 triangle, point, arrow, scribble, mask contour and filled mask, in varied colours, widths and opacities.
 This module draws them with Pillow and numpy:
 
-    from vipllava_jax import visual_prompts as vp
+    from vipllava_jax.data import visual_prompts as vp
     marked = vp.draw_markers(image, [vp.Rectangle((40, 60, 200, 220)), vp.Arrow((300, 20), (230, 90), color="blue")])
     q = vp.build_question("What is the object <bbox0> holding, and what is <bbox1>?", vp.Rectangle(...), vp.Arrow(...))
 

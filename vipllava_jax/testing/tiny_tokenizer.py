@@ -17,7 +17,7 @@
 
 Example (the tiny checkpoint of `vipllava_jax.testing`: 30 px images, 6 px patches, vocab 128)::
 
-    from vipllava_jax.tiny_tokenizer import make_tiny_processor
+    from vipllava_jax.testing import make_tiny_processor
     ids = make_tiny_processor(ckpt_dir, image_size=30, image_seq_length=25)
     # ids == {"image_token_id": 100, "pad_token_id": 101, "eos_token_id": 2, "bos_token_id": 1,
     #         "unk_token_id": 0, "vocab_size": 102, "image_seq_length": 25, "patch_size": 6, "image_size": 30}

@@ -20,7 +20,7 @@ Records (LLaVA's format, a JSON list or JSONL, `load_records`)::
   (seed, epoch, record id) gives the same pixels and text, another epoch a fresh draw. Never global random.
 
 Text (`encode_example`): the template (``llava_v1``, the training default, or ``llava_v0``, the HF model
-card's) is taken from `vipllava_jax.processing.build_prompt` (its text is not repeated here):
+card's) is taken from `vipllava_jax.data.build_prompt` (its text is not repeated here):
 
     llava_v1: ``{system} USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>``
     llava_v0: ``{system}###Human: <image>\\nQ1###Assistant: A1###Human: Q2###Assistant: A2###``
@@ -217,7 +217,7 @@ class DataConfig:
             raise ValueError("max_length and batch_size must be >= 1, max_images_per_example >= 0")
 
     def resolve(self, processor) -> "DataConfig":
-        """Fill the None ids / lengths from a `vipllava_jax.processing.Processor` (checked against it)."""
+        """Fill the None ids / lengths from a `vipllava_jax.data.Processor` (checked against it)."""
         kw = {}
         if self.image_seq_length is None:
             if processor.image_seq_length is None:
@@ -452,7 +452,7 @@ def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=Non
                    image_config: ImageConfig | None = None) -> Example:
     """One record -> an `Example` (text with marker phrases, ids, labels, marked and preprocessed images).
 
-    processor: a `vipllava_jax.processing.Processor` (its tokenizer and image settings; `image_config`
+    processor: a `vipllava_jax.data.Processor` (its tokenizer and image settings; `image_config`
       overrides the latter). cfg: a DataConfig (resolved against the processor here if needed).
     image_folder: image paths are relative to it (absolute paths are taken as they are).
     epoch: with cfg.seed and the record id, seeds the marker draw.

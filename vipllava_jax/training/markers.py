@@ -3,7 +3,7 @@
 ViP-LLaVA's loader (``llava/visual_prompt_generator.py``) drew one marker kind per example, a colour per
 region and a random width / opacity with Python's global ``random``. Here the same draw comes from the
 ``numpy.random.Generator`` the caller passes in (seeded by (seed, epoch, record id) in `data.py`), so a rerun or
-a resumed run draws the same pixels. The drawing itself is `vipllava_jax.visual_prompts`.
+a resumed run draws the same pixels. The drawing itself is `vipllava_jax.data.visual_prompts`.
 
 Two steps, so the text can be built (and a too-long example dropped) before any image is read:
 

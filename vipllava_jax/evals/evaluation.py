@@ -1,6 +1,6 @@
 """Batched evaluation: greedy answers for a dataset, a local score, and ViP-Bench's answer files.
 
-    from vipllava_jax.evaluation import evaluate, load_eval_records, write_answers
+    from vipllava_jax.evals import evaluate, load_eval_records, write_answers
     records = load_eval_records("data/synth/data.json")           # or ViP-Bench's bbox/questions.jsonl
     answers, score, stats = evaluate(module, params, processor, records, image_folder="data/synth",
                                      batch_size=16, metric="exact")
@@ -65,8 +65,8 @@ from tqdm.auto import tqdm
 from ..data import visual_prompts as vp
 from ..data.images import load_image
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, build_prompt
-from .api import generate
-from .stop_strings import stop_strings_for
+from ..generation.api import generate
+from ..generation.stop_strings import stop_strings_for
 
 __all__ = [
     "METRICS", "TEMPLATES", "EvalError", "EvalRecord", "evaluate", "load_eval_records", "parse_record",

@@ -1,0 +1,172 @@
+"""The demo's library half (``vipllava-jax demo`` is its command): the shipped VipLlava, trained from scratch by this package's own pipeline, answers a question about
+a marked object in a fresh synthetic scene; then its accuracy on held-out scenes.
+
+    vipllava-jax demo [--seed N] [--save-marked scene.png] [--n-eval 200]
+
+    from vipllava_jax.evals.demo import run_demo
+    result = run_demo(seed=3, out_image="scene.png")     # prints a few lines, returns what it printed
+
+The model (`demo_model_path()`, ``vipllava_jax/assets/demo_model``: config.json, model.safetensors, tokenizer
+and processor files, an HF directory that `load_pretrained` and transformers read) is a small VipLlava (CLIP
+tower + Llama decoder, a word-level BPE tokenizer) trained with ``vipllava-jax train --stage all`` on
+`vipllava_jax.data.synthetic` scenes drawn with `DEMO_SCENE` (train/train_demo.py and train/configs/demo.yaml retrain
+it). It was trained on scenes ``(TRAIN_SEED, i)``; the held-out scenes are ``(HELDOUT_SEED, i)`` and a demo scene
+is ``make_scene(seed, **DEMO_SCENE)`` for an integer seed: three disjoint families of seeds.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ..checkpoints.load import load_pretrained
+from ..data.processor import Processor
+from ..data.prompts import build_prompt
+from ..data.synthetic import (DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, chance_accuracy, make_scene,
+                              write_dataset)
+from ..generation.api import generate_stream
+from .evaluation import evaluate, score_answer, stop_for_template
+
+__all__ = ["demo_model_path", "run_demo", "heldout_accuracy", "write_heldout", "format_accuracy",
+           "TRAIN_SEED", "HELDOUT_SEED", "N_HELDOUT", "DEMO_TEMPLATE", "DEMO_SYSTEM_PROMPT"]
+
+TRAIN_SEED = 0  # training scenes: synthetic.make_scene((TRAIN_SEED, i), **DEMO_SCENE)
+HELDOUT_SEED = 1  # held-out scenes: make_scene((HELDOUT_SEED, i), **DEMO_SCENE), i < N_HELDOUT
+N_HELDOUT = 200
+# The prompt the demo model was trained with (train/configs/demo.yaml: template, system_prompt).
+DEMO_TEMPLATE = "llava_v1"
+DEMO_SYSTEM_PROMPT = ""
+MAX_NEW_TOKENS = 8  # answers are one word (a token or two) and </s>
+
+_TYPE_NAMES = {"shape": "shape", "color": "colour", "count": "count", "left_right": "left/right"}
+
+
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
+
+
+def shipped_model_available() -> bool:
+    return (SHIPPED_MODEL_DIR / "config.json").is_file()
+
+
+def demo_model_path() -> Path:
+    """The shipped demo model's HF directory (inside the installed package)."""
+    p = SHIPPED_MODEL_DIR
+    if not shipped_model_available():
+        raise FileNotFoundError(f"The demo model is missing from the package ({p}): reinstall vipllava-jax, or "
+                                f"retrain it with `python train/train_demo.py --install`")
+    return p
+
+
+def write_heldout(out_dir, n: int = N_HELDOUT, *, question_types: Sequence[str] = QUESTION_TYPES,
+                  marker_kinds: Sequence[str] = MARKER_KINDS) -> Path:
+    """Write the first `n` held-out scenes (pre-marked; scenes (HELDOUT_SEED, i)) to out_dir; returns the JSON.
+    question_types / marker_kinds: the held-out scenes of a reduced task (default: the demo model's whole mix)."""
+    return write_dataset(out_dir, n, seed=HELDOUT_SEED, pre_marked=True, id_prefix="heldout",
+                         question_types=question_types, marker_kinds=marker_kinds, **DEMO_SCENE)
+
+
+def _load(model):
+    """model: a directory, or (module, params, processor) -> (module, params, processor)."""
+    if isinstance(model, (tuple, list)):
+        return tuple(model)
+    module, params = load_pretrained(model, jnp.float32, progress=False)
+    return module, params, Processor.from_pretrained(model)
+
+
+def heldout_accuracy(model=None, n: int = N_HELDOUT, *, template: str = DEMO_TEMPLATE,
+                     system: str = DEMO_SYSTEM_PROMPT, batch_size: int | None = None, progress: bool = False,
+                     data_dir=None, question_types: Sequence[str] = QUESTION_TYPES,
+                     marker_kinds: Sequence[str] = MARKER_KINDS) -> dict:
+    """Exact-match accuracy of `model` (a directory, (module, params, processor), or None: the shipped model)
+    on the first `n` held-out scenes, with `evaluation.evaluate` (greedy, batched). question_types /
+    marker_kinds: a reduced task's held-out scenes (`write_heldout`), its chance for those types.
+
+    Returns {"accuracy", "by_type" {question type: accuracy}, "chance", "chance_by_type", "n", "seconds",
+    "answers"}. data_dir: where to write the scenes (default: a temporary directory, removed after)."""
+    t0 = time.perf_counter()
+    module, params, processor = _load(demo_model_path() if model is None else model)
+    with tempfile.TemporaryDirectory(prefix="vipllava-heldout-") as tmp:
+        folder = Path(data_dir) if data_dir is not None else Path(tmp)
+        path = write_heldout(folder, n, question_types=question_types, marker_kinds=marker_kinds)
+        answers, score, stats = evaluate(module, params, processor, path, image_folder=folder,
+                                         batch_size=batch_size or min(n, 100), metric="exact",
+                                         max_new_tokens=MAX_NEW_TOKENS, template=template, system=system,
+                                         progress=progress, model_id="vipllava-jax-demo")
+    return {"accuracy": score, "by_type": stats["by_type"], "chance": chance_accuracy(None, question_types),
+            "chance_by_type": {t: chance_accuracy(t) for t in question_types}, "n": stats["scored"],
+            "seconds": time.perf_counter() - t0, "answers": answers}
+
+
+def format_accuracy(res: dict) -> str:
+    """One line: accuracy over the held-out scenes against chance, and per question type."""
+    per = ", ".join(f"{_TYPE_NAMES.get(t, t)} {v:.0%}" for t, v in res["by_type"].items())
+    return (f"Accuracy on {res['n']} held-out scenes: {res['accuracy']:.1%} exact match "
+            f"(chance {res['chance']:.0%}); {per}")
+
+
+def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: Callable[..., Any] = print,
+             model=None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """Show the demo model at work, in a few lines written with `stream` (a print-like callable; the answer is
+    written piece by piece with ``end=""``):
+
+    1. the model, and a fresh scene `synthetic.make_scene(seed, **DEMO_SCENE)` (a few shapes, one marked with one of the
+       eight visual prompts), its marked image saved to `out_image` (default: vipllava-demo-<seed>.png in the
+       temp directory);
+    2. the question, the answer streamed as it is generated (`generate_stream`), and the right answer beside it;
+    3. the accuracy over `n_eval` held-out scenes (fixed seeds, disjoint from training and from demo scenes)
+       against chance, per question type too (n_eval=0 skips it).
+
+    model: an HF directory of a demo-format model, or (module, params, processor); None: the shipped model.
+    Returns {"question", "answer", "truth", "correct", "image", "accuracy" (None when skipped), "by_type",
+    "chance", "seconds"}.
+    """
+    t0 = time.perf_counter()
+    model = demo_model_path() if model is None else model
+    module, params, processor = _load(model)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    name = "(given in memory)" if isinstance(model, (tuple, list)) else model
+    stream(f"Model: {name} ({n_params / 1e6:.1f}M parameters, trained from scratch by vipllava-jax train "
+           f"on synthetic visual-prompt scenes)")
+
+    scene = make_scene(int(seed), **DEMO_SCENE)
+    out_image = Path(out_image) if out_image is not None else \
+        Path(tempfile.gettempdir()) / f"vipllava-demo-{int(seed)}.png"
+    if out_image.parent and not out_image.parent.exists():
+        out_image.parent.mkdir(parents=True, exist_ok=True)
+    scene.image.save(out_image)
+    w, h = scene.image.size
+    stream(f"Scene (seed {seed}): {w}x{h} px, {len(scene.shapes)} shapes, the {scene.target_shape.description} "
+           f"marked {scene.marker_phrase}; saved to {out_image}")
+
+    stream(f"Q: {scene.question}")
+    stream("A:", end=" ", flush=True)
+    prompt = build_prompt(scene.question, 1, system=DEMO_SYSTEM_PROMPT, style=DEMO_TEMPLATE)
+    enc = processor([prompt], [scene.image])
+    gen_kw = {"pad_token_id": processor.pad_token_id}
+    if processor.eos_token_id is not None:
+        gen_kw["eos_token_id"] = processor.eos_token_id
+    stop = stop_for_template(DEMO_TEMPLATE)
+    pieces = []
+    for piece in generate_stream(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                                 tokenizer=processor.tokenizer, max_new_tokens=max_new_tokens, stop=stop,
+                                 **gen_kw):
+        if not pieces:
+            piece = piece.lstrip()
+        pieces.append(piece)
+        stream(piece, end="", flush=True)
+    answer = "".join(pieces).strip()
+    correct = bool(score_answer(answer, scene.answer, "exact"))
+    stream(f"    (right answer: {scene.answer} - {'correct' if correct else 'wrong'})")
+
+    res = {"accuracy": None, "by_type": {}, "chance": None}
+    if n_eval:
+        res = heldout_accuracy((module, params, processor), n_eval)
+        stream(format_accuracy(res))
+    seconds = time.perf_counter() - t0
+    return {"question": scene.question, "answer": answer, "truth": scene.answer, "correct": correct,
+            "question_type": scene.question_type, "image": str(out_image), "accuracy": res["accuracy"],
+            "by_type": res["by_type"], "chance": res["chance"], "seconds": seconds}
