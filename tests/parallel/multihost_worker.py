@@ -1,7 +1,7 @@
-"""One process of the two-process test (tests/test_multihost.py): 4 CPU devices each, gloo collectives.
+"""One process of the two-process test (tests/parallel/test_multihost.py): 4 CPU devices each, gloo collectives.
 
 Run by the test as
-    python tests/multihost_worker.py --coordinator localhost:PORT --num-processes 2 --process-id I \
+    python tests/parallel/multihost_worker.py --coordinator localhost:PORT --num-processes 2 --process-id I \
         --ckpt HF_DIR --orbax ORBAX_DIR --inputs inputs.npz --out OUT_DIR
 Writes OUT_DIR/proc{I}.npz (logits, greedy tokens) and OUT_DIR/proc{I}.json (what it read, device counts).
 """

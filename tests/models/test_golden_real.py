@@ -1,6 +1,6 @@
 """Golden check on a real checkpoint, where one is available locally.
 
-    VIPLLAVA_CHECKPOINT=/data/vip-llava-7b-hf python -m pytest tests/test_golden_real.py -m slow -s
+    VIPLLAVA_CHECKPOINT=/data/vip-llava-7b-hf python -m pytest tests/models/test_golden_real.py -m slow -s
 
 Runs both models in bfloat16 on one prompt with one random image and compares the logits of the real
 (non-pad) positions and the greedy next tokens.

@@ -24,7 +24,7 @@ from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
 from vipllava_jax.testing import make_tiny_processor
 from vipllava_jax.data import visual_prompts as vp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 128
 
 

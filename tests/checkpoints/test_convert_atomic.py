@@ -15,7 +15,7 @@ import pytest
 from vipllava_jax import load_pretrained
 from vipllava_jax.testing import make_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""Regenerate the visual-prompt goldens: python tests/make_visual_prompt_goldens.py
+"""Regenerate the visual-prompt goldens: python tests/data/make_visual_prompt_goldens.py
 
 One PNG per marker kind on a small fixed canvas (a gradient, so alpha blending shows everywhere). Look at each
 one (upscaled) before committing new goldens: the test compares against them pixel for pixel (max abs diff 1).
 Made with Pillow 13.0.0 (PILLOW_VERSION). No antialiasing is used, but Pillow's rasterisation of wide lines,
 joints and ellipses has changed between releases, so with another Pillow version the test allows a few
-stray pixels (see tests/test_visual_prompts.py::test_goldens); regenerate and review if it fails there."""
+stray pixels (see tests/data/test_visual_prompts.py::test_goldens); regenerate and review if it fails there."""
 from pathlib import Path
 
 import numpy as np

@@ -20,7 +20,7 @@ from vipllava_jax.cli import main
 from vipllava_jax.evals.demo import shipped_model_available
 from vipllava_jax.data import Processor, build_prompt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "train"))
 
 import make_demo_model  # noqa: E402

@@ -54,7 +54,7 @@ def test_two_processes_match_single_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     # The workers import the package from this checkout even when it is not pip-installed.
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER), "--coordinator", f"localhost:{port}", "--num-processes", "2",
          "--process-id", str(i), "--ckpt", str(ckpt), "--orbax", str(orbax_dir), "--inputs",

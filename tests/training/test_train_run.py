@@ -24,7 +24,7 @@ from test_parity import rel_err
 from vipllava_jax.training import TrainConfig, train
 from vipllava_jax.training import trainer as trainer_lib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 

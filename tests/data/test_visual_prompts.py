@@ -156,14 +156,14 @@ def test_default_width_scales_with_image_size():
 
 @pytest.mark.parametrize("kind", vp.MARKER_KINDS)
 def test_goldens(kind):
-    """Against goldens made by tests/make_visual_prompt_goldens.py and reviewed by eye: every pixel within 1
+    """Against goldens made by tests/data/make_visual_prompt_goldens.py and reviewed by eye: every pixel within 1
     with the Pillow that drew them; with another Pillow (whose line / ellipse rasterisation may differ by a
     pixel here and there) at most 1% of the pixels may differ."""
     golden = np.asarray(Image.open(GOLDENS / f"{kind}.png").convert("RGB")).astype(int)
     out = np.asarray(vp.draw_markers(canvas(), [golden_markers()[kind]], warn_crop=False)).astype(int)
     bad = np.abs(out - golden).max(axis=-1) > 1
     hint = (f"{kind}: {bad.sum()} pixels differ from {GOLDENS / kind}.png (Pillow {PIL.__version__}, goldens made "
-            f"with {PILLOW_VERSION}); if the drawing is right, run tests/make_visual_prompt_goldens.py and review")
+            f"with {PILLOW_VERSION}); if the drawing is right, run tests/data/make_visual_prompt_goldens.py and review")
     if PIL.__version__ == PILLOW_VERSION:
         assert not bad.any(), hint
     else:
