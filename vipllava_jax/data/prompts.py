@@ -1,11 +1,21 @@
 """The chat prompt VipLlava expects (`build_prompt`: llava_v0, the HF checkpoints' format, or llava_v1, the
-original training's and ViP-Bench's)."""
+original training's and ViP-Bench's), the pieces training reads off it (`template_parts`) and the stop strings of
+generation in each template (`stop_for_template`).
+
+The end of an assistant turn is ``</s>`` (the eos token) for v1, and for v0 the ``###`` separator (original
+``conv_llava_v0``'s sep; `build_prompt` leaves it off the last answer, for generation, training puts it after
+every answer so the model learns to stop there: stop generation on "###").
+"""
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "IMAGE_TOKEN", "build_prompt"]
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "IMAGE_TOKEN", "TEMPLATES", "V0_SEPARATOR", "TemplateParts", "build_prompt",
+           "check_template", "template_parts", "stop_for_template"]
 
+TEMPLATES = ("llava_v1", "llava_v0")
+V0_SEPARATOR = "###"  # conv_llava_v0's sep: the end of each v0 turn
 IMAGE_TOKEN = "<image>"
 DEFAULT_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
                          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -54,3 +64,42 @@ def build_prompt(turns: Sequence[tuple[str, str | None]] | str, num_images: int 
             out.append("ASSISTANT:" if answer is None else "ASSISTANT: " + answer + "</s>")
         return "".join(out)
     raise ValueError(f"unknown prompt style {style!r}: use 'llava_v0' or 'llava_v1'")
+
+
+def check_template(template: str) -> str:
+    """`template` if it is one of TEMPLATES, else a ValueError naming them."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)}")
+    return template
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateParts:
+    system: str  # masked: the system text and what follows it before the first user tag
+    user_tag: str  # "USER: " / "Human: "
+    assistant_tag: str  # " ASSISTANT:" / "###Assistant:" (masked, part of the human turn)
+    answer_prefix: str  # " ": the space before an answer belongs to the answer's first token
+    end_of_turn: str  # "</s>" / "###" (kept)
+
+
+def template_parts(template: str, system: str = DEFAULT_SYSTEM_PROMPT) -> TemplateParts:
+    """The pieces of `template`, read off `build_prompt` (so the template text lives in one place)."""
+    u0, a0, u1, a1 = "\x00U0\x00", "\x00A0\x00", "\x00U1\x00", "\x00A1\x00"
+    s = build_prompt([(u0, a0), (u1, a1)], num_images=0, system=system, style=template)
+    head, rest = s.split(u0)
+    mid, rest = rest.split(a0)
+    sep, rest = rest.split(u1)
+    mid2, tail = rest.split(a1)
+    eot = tail or V0_SEPARATOR  # build_prompt ends a v0 prompt's last answer without its "###"
+    if mid != mid2 or not sep.startswith(eot) or not head.endswith(sep[len(eot):]):
+        raise ValueError(f"template {template!r} does not have the expected shape: {s!r}")
+    user_tag = sep[len(eot):]
+    assistant_tag = mid.rstrip(" ")
+    return TemplateParts(system=head[:len(head) - len(user_tag)], user_tag=user_tag, assistant_tag=assistant_tag,
+                         answer_prefix=mid[len(assistant_tag):], end_of_turn=eot)
+
+
+def stop_for_template(template: str) -> tuple[str, ...]:
+    """The stop strings of generation in `template`: its end of turn, ("</s>",) for llava_v1, ("###",) for
+    llava_v0."""
+    return (template_parts(check_template(template)).end_of_turn,)
