@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import vipllava_jax
 from vipllava_jax import load_pretrained
 from vipllava_jax.generation import (SamplingConfig, StopStrings, apply_repetition_penalty,
-                                     apply_temperature, apply_top_k, apply_top_p, bucket_length, generate,
-                                     generate_stream, generate_stream_tokens, select_tokens, stop_strings_for)
+                                     apply_temperature, apply_top_k, apply_top_p, bucket_length, cut_at_stop,
+                                     generate, generate_stream, generate_stream_tokens, generate_text,
+                                     generate_text_stream, select_tokens, stop_strings_for)
 from vipllava_jax.data import Processor, build_prompt
 from vipllava_jax.testing import TINY_PAD_TOKEN, make_tiny_checkpoint
 from vipllava_jax.testing import make_tiny_processor
@@ -245,6 +246,38 @@ def test_stream_tokens_and_text(tiny):
     stop = text[3:5]
     streamed = "".join(generate_stream(module, params, *one, tokenizer=tok, max_new_tokens=N, stop=(stop,)))
     assert streamed == text[:text.find(stop)]
+
+
+def test_cut_at_stop_keeps_the_text_before_the_earliest_stop_string():
+    assert cut_at_stop("a b###c</s>d###", ("</s>", "###")) == "a b"
+    assert cut_at_stop("a b</s>c###", ("###", "</s>")) == "a b"
+    assert cut_at_stop(" a b ", ("###",)) == " a b "  # no stop string: all of it, unstripped
+    assert cut_at_stop("a b", ()) == "a b"
+
+
+def test_generate_text_is_generate_decoded_and_cut(tiny):
+    """Prompts -> processor -> generate (the processor's pad / EOS, stop strings on the device) -> decode -> cut:
+    the same answers as those steps by hand, and the streamed answer of one prompt is the same text."""
+    d, _, module, params = tiny
+    proc = Processor.from_pretrained(d)
+    img = (np.random.default_rng(2).random((40, 52, 3)) * 255).astype(np.uint8)
+    prompts = [build_prompt(q, system="") for q in ("What is in the red box?", "Which colour?")]
+    enc = proc(prompts, [img, img])
+    full = generate(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], max_new_tokens=N)
+    texts = [proc.decode(row) for row in full]
+    stop = (texts[0][3:5], texts[1][6:8])  # strings the model produces: every row stops early
+    answers = generate_text(module, params, proc, prompts, [img, img], max_new_tokens=N, stop=stop)
+    assert answers == [min((t[:t.find(s)] for s in stop if s in t), key=len).strip() for t in texts]
+    assert "".join(generate_text_stream(module, params, proc, prompts[0], [img], max_new_tokens=N, stop=stop,
+                                        chunk_size=2)).rstrip() == answers[0]
+    # fit_context: a cap lowered to the room left in the context rather than refused
+    room = module.config.text.max_position_embeddings - int(enc["attention_mask"].sum(-1).max())
+    with pytest.raises(ValueError, match="does not fit"):
+        generate_text(module, params, proc, prompts, [img, img], max_new_tokens=room + 1)
+    capped = generate_text(module, params, proc, prompts, [img, img], max_new_tokens=room + 1, fit_context=True,
+                           stop=())
+    assert capped == [proc.decode(row).strip() for row in generate(
+        module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], max_new_tokens=room)]
 
 
 def test_prompt_buckets_share_one_compile(tiny):

@@ -12,7 +12,7 @@ from ..parallel.mesh import check_batch
 from ..parallel.rules import LOGICAL_AXIS_RULES, Rules
 from .config import GenerationConfig
 from .loop import Run
-from .stop_strings import StopStrings, partial_stop_len, stop_strings_for
+from .stop_strings import StopStrings, cut_at_stop, partial_stop_len, stop_strings_for
 
 
 def generate(module, params, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
@@ -79,20 +79,17 @@ def generate_stream(module, params, input_ids, pixel_values=None, attention_mask
                                         max_new_tokens=max_new_tokens, chunk_size=chunk_size,
                                         stop_strings=tables, **kw):
         ids.extend(int(t) for t in chunk[0] if pad is None or t != pad)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-        else:  # hold back a tail that may be the start of a stop string
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        text = cut_at_stop(decoded, stop)
+        stopped = len(text) < len(decoded)
+        if not stopped:  # hold back a tail that may be the start of a stop string
             text = text[: len(text) - partial_stop_len(text, stop)]
         if len(text) > len(shown) and text.startswith(shown):
             yield text[len(shown):]
             shown = text
-        if cut >= 0:
+        if stopped:
             return
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    text = text[:cut] if cut >= 0 else text
+    text = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
     if len(text) > len(shown) and text.startswith(shown):
         yield text[len(shown):]
 

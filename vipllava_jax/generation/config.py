@@ -11,7 +11,7 @@ from .stop_strings import StopStrings
 @dataclasses.dataclass(frozen=True, eq=False)
 class GenerationConfig:
     """Sampling, stop strings, buckets and the token ids of one generation: shared by `generate`,
-    `generate_stream_tokens`, `generate_stream` and the CLI. The fields are `generate`'s keyword arguments (same
+    `generate_stream_tokens` and `generate_stream`. The fields are `generate`'s keyword arguments (same
     names, same defaults), so ``generate(module, params, ids, pixels, mask, **config.kwargs())`` is one call.
 
     max_new_tokens: new tokens per row. do_sample, temperature, top_k, top_p, repetition_penalty: HF's

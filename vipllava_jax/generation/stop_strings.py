@@ -109,6 +109,14 @@ def stop_step(tables, state: Array, token: Array) -> tuple[Array, Array]:
     return nxt[m, state, token[:, None]], jnp.any(hit[m, state, token[:, None]], axis=-1)
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any of the ``stop`` strings (all of it when none occurs). A row
+    stops at the token that completes a stop string, so its decoded text still holds the stop string and
+    whatever else that token adds."""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
 def partial_stop_len(text: str, stop: Sequence[str]) -> int:
     """Length of the longest end of ``text`` that is the start of a stop string (held back while streaming)."""
     best = 0
