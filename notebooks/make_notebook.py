@@ -111,27 +111,25 @@ marked
 """)
 md("## 7. Ask about the marked region")
 code("""
-from vipllava_jax import generate_stream
 from vipllava_jax.data import build_prompt
+from vipllava_jax.generation import generate_text_stream
 
-enc = proc([build_prompt(question, system=system)], [marked])
 answer = ""
-for piece in generate_stream(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
-                             tokenizer=proc.tokenizer, max_new_tokens=MAX_NEW_TOKENS):
+for piece in generate_text_stream(module, params, proc, build_prompt(question, system=system), [marked],
+                                  max_new_tokens=MAX_NEW_TOKENS):
     answer += piece
     print(piece, end="", flush=True)
 print()
 """)
 md("## 8. One batch: a question per marker")
 code("""
-from vipllava_jax import generate
+from vipllava_jax.generation import generate_text
 
 questions = [vp.build_question("What is <bbox>?", m) for m in markers]
-enc = proc([build_prompt(q, system=system) for q in questions], [marked] * len(questions))
-tokens = generate(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
-                  max_new_tokens=MAX_NEW_TOKENS)
-for q, row in zip(questions, tokens):
-    print(q, "->", proc.decode(row.tolist()).split("###")[0].strip())
+answers = generate_text(module, params, proc, [build_prompt(q, system=system) for q in questions],
+                        [marked] * len(questions), max_new_tokens=MAX_NEW_TOKENS)
+for q, a in zip(questions, answers):
+    print(q, "->", a)
 """)
 
 nb = nbf.v4.new_notebook(cells=cells)

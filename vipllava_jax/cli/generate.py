@@ -18,17 +18,13 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data import visual_prompts as vp
 from ..data.images import load_image
 from ..data.processor import Processor
-from ..data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
-from ..generation.api import generate, generate_stream
-from ..generation.config import GenerationConfig
-from ..generation.inputs import max_new_tokens_limit
-from ..generation.stop_strings import stop_strings_for
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, stop_for_template
+from ..generation.text import generate_text, generate_text_stream
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
 from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
 
@@ -210,36 +206,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)
     system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
-    stop = tuple(args.stop) if args.stop else (("###",) if args.prompt_style == "llava_v0" else ("</s>",))
-    gen = GenerationConfig(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, repetition_penalty=args.repetition_penalty, pad_token_id=proc.pad_token_id,
-                           eos_token_id=proc.eos_token_id)
+    # --max-new-tokens (refused when it does not fit after the prompt), or by default 256 lowered to what fits.
+    gen = dict(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+               fit_context=args.max_new_tokens is None,
+               stop=tuple(args.stop) if args.stop else stop_for_template(args.prompt_style), mesh=mesh,
+               do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               seed=args.seed, repetition_penalty=args.repetition_penalty)
 
     def question(q: str) -> str:
         if "<bbox" in q and not phrase:
             raise ValueError(f"{q!r} names a marker with <bbox>, but there is none: restart with --box, --point, ...")
         return q.replace("<bbox>", phrase) if phrase and "<bbox>" in q else q
 
-    def new_tokens(enc) -> int:
-        """--max-new-tokens, or by default 256 capped at what fits after this prompt (the library refuses an
-        explicit count past the context)."""
-        if args.max_new_tokens is not None:
-            return args.max_new_tokens
-        room = max_new_tokens_limit(module.config, int(np.asarray(enc["attention_mask"]).sum(-1).max()))
-        return max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
-
     if args.prompt and len(args.prompt) > 1:  # a batch: same images for every prompt
         texts = [build_prompt(question(q), len(images), system=system, style=args.prompt_style)
                  for q in args.prompt]
-        enc = proc(texts, [images] * len(texts) if images else None)
-        tables = stop_strings_for(proc.tokenizer, stop, module.config.text.vocab_size)
-        toks = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"], mesh=mesh,
-                        **gen.replace(max_new_tokens=new_tokens(enc), stop_strings=tables).kwargs())
+        answers = generate_text(module, params, proc, texts, [images] * len(texts), **gen)
         if is_main_process():
-            for q, row in zip(args.prompt, toks):
-                text = proc.decode(row.tolist())
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                print(f"### {q}\n{(text[:cut] if cut >= 0 else text).strip()}\n")
+            for q, answer in zip(args.prompt, answers):
+                print(f"### {q}\n{answer}\n")
         return 0
 
     turns: list[tuple[str, str | None]] = []
@@ -252,14 +237,9 @@ def run(args: argparse.Namespace) -> int:
         turns.append((question(q), None))
         counts = [len(images)] + [0] * (len(turns) - 1)
         text = build_prompt(turns, counts, system=system, style=args.prompt_style)
-        enc = proc([text], [images] if images else None)
         answer = []
-        stream = generate_stream(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
-                                 tokenizer=proc.tokenizer, stop=stop, chunk_size=10**9 if args.no_stream else 8,
-                                 mesh=mesh, **gen.replace(max_new_tokens=new_tokens(enc)).kwargs())
-        for i, piece in enumerate(stream):
-            if i == 0:
-                piece = piece.lstrip()
+        for piece in generate_text_stream(module, params, proc, text, images,
+                                          chunk_size=10**9 if args.no_stream else 8, **gen):
             answer.append(piece)
             if is_main_process():
                 print(piece, end="", flush=True)

@@ -25,11 +25,11 @@ import jax.numpy as jnp
 
 from ..checkpoints.load import load_pretrained
 from ..data.processor import Processor
-from ..data.prompts import build_prompt
+from ..data.prompts import build_prompt, stop_for_template
 from ..data.synthetic import (DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, chance_accuracy, make_scene,
                               write_dataset)
-from ..generation.api import generate_stream
-from .evaluation import evaluate, score_answer, stop_for_template
+from ..generation.text import generate_text_stream
+from .evaluation import evaluate, score_answer
 
 __all__ = ["demo_model_path", "run_demo", "heldout_accuracy", "write_heldout", "format_accuracy",
            "TRAIN_SEED", "HELDOUT_SEED", "N_HELDOUT", "DEMO_TEMPLATE", "DEMO_SYSTEM_PROMPT"]
@@ -116,7 +116,7 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
     1. the model, and a fresh scene `synthetic.make_scene(seed, **DEMO_SCENE)` (a few shapes, one marked with one of the
        eight visual prompts), its marked image saved to `out_image` (default: vipllava-demo-<seed>.png in the
        temp directory);
-    2. the question, the answer streamed as it is generated (`generate_stream`), and the right answer beside it;
+    2. the question, the answer streamed as it is generated (`generate_text_stream`), and the right answer beside it;
     3. the accuracy over `n_eval` held-out scenes (fixed seeds, disjoint from training and from demo scenes)
        against chance, per question type too (n_eval=0 skips it).
 
@@ -145,17 +145,9 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
     stream(f"Q: {scene.question}")
     stream("A:", end=" ", flush=True)
     prompt = build_prompt(scene.question, 1, system=DEMO_SYSTEM_PROMPT, style=DEMO_TEMPLATE)
-    enc = processor([prompt], [scene.image])
-    gen_kw = {"pad_token_id": processor.pad_token_id}
-    if processor.eos_token_id is not None:
-        gen_kw["eos_token_id"] = processor.eos_token_id
-    stop = stop_for_template(DEMO_TEMPLATE)
     pieces = []
-    for piece in generate_stream(module, params, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
-                                 tokenizer=processor.tokenizer, max_new_tokens=max_new_tokens, stop=stop,
-                                 **gen_kw):
-        if not pieces:
-            piece = piece.lstrip()
+    for piece in generate_text_stream(module, params, processor, prompt, [scene.image],
+                                      max_new_tokens=max_new_tokens, stop=stop_for_template(DEMO_TEMPLATE)):
         pieces.append(piece)
         stream(piece, end="", flush=True)
     answer = "".join(pieces).strip()
