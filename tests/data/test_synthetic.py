@@ -221,8 +221,9 @@ def tiny_processor(tmp_path_factory):
 
 @pytest.mark.parametrize("pre_marked", [True, False])
 def test_records_load_and_encode(tmp_path, tiny_processor, pre_marked):
-    from vipllava_jax.training.data import DataConfig, encode_example, load_records
-    from vipllava_jax.training.markers import polygon_mask
+    from vipllava_jax.data.records import load_records, polygon_mask
+    from vipllava_jax.training.config import DataConfig
+    from vipllava_jax.training.encoding import encode_example
     path = syn.write_dataset(tmp_path, 16, seed=2, pre_marked=pre_marked)
     recs = load_records(path)
     assert len(recs) == 16

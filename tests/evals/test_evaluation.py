@@ -7,6 +7,7 @@ from PIL import Image
 
 from vipllava_jax.evals import evaluation as ev
 from vipllava_jax.data import synthetic as syn
+from vipllava_jax.data.records import Region
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
@@ -128,14 +129,14 @@ def test_batched_equals_one_at_a_time(tiny, synth, template):
 def test_draw_regions_kinds():
     from vipllava_jax.data import visual_prompts as vp
     img = Image.new("RGB", (64, 48), (200, 200, 200))
-    regions = [ev.Region((10, 10, 30, 30)), ev.Region(None, ((40, 5, 60, 5, 60, 40, 40, 40),))]
+    regions = [Region((10, 10, 30, 30)), Region(None, ((40, 5, 60, 5, 60, 40, 40, 40),))]
     for kind in vp.MARKER_KINDS:
         out, marks = ev.draw_regions(img, regions, kind)
         assert [m.kind for m in marks] == [kind, kind] and [m.color for m in marks] == ["red", "lime"]
         assert out.tobytes() != img.tobytes()
         assert out.tobytes() == ev.draw_regions(img, regions, kind)[0].tobytes()
     with pytest.raises(ValueError, match="no area"):
-        ev.draw_regions(img, [ev.Region((100, 100, 120, 120))])
+        ev.draw_regions(img, [Region((100, 100, 120, 120))])
 
 
 def test_vipbench_files(tiny, tmp_path):

@@ -1,4 +1,5 @@
-"""Fine-tuning data (vipllava_jax.training.data): records -> ids / labels / marked images -> grain batches."""
+"""Fine-tuning data (vipllava_jax.data.records, vipllava_jax.training.encoding and .pipeline): records -> ids /
+labels / marked images -> grain batches."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,15 @@ from transformers import PreTrainedTokenizerFast
 
 from vipllava_jax.data import visual_prompts as vp
 from vipllava_jax.data import ImageConfig, Processor, build_prompt
+from vipllava_jax.data.prompts import TEMPLATES, template_parts
+from vipllava_jax.data.records import load_records
 from vipllava_jax.testing import make_tiny_processor
-from vipllava_jax.training import data as D
-from vipllava_jax.training.config import TrainConfig
+from vipllava_jax.training import pipeline
+from vipllava_jax.training.config import DataConfig, TrainConfig
+from vipllava_jax.training.encoding import DataError, ExampleDropped, encode_example
+from vipllava_jax.training.loss import IGNORE_INDEX
+from vipllava_jax.training.pipeline import make_eval_iterator, make_train_iterator
+from vipllava_jax.training.step import BATCH_KEYS
 
 SYS = "Sys."  # a short system text keeps the char-level sequences short
 SEQ = 25  # the tiny processor's image tokens per image
@@ -40,7 +47,7 @@ def env(tmp_path_factory):
 def cfg(**kw):
     kw.setdefault("system_prompt", SYS)
     kw.setdefault("max_length", 512)
-    return D.DataConfig(**kw)
+    return DataConfig(**kw)
 
 
 def conv(*pairs):
@@ -54,7 +61,7 @@ def kept_spans(labels):
     """Contiguous runs of kept label positions -> list of id lists."""
     spans, cur = [], []
     for x in labels.tolist():
-        if x != D.IGNORE_INDEX:
+        if x != IGNORE_INDEX:
             cur.append(x)
         elif cur:
             spans.append(cur)
@@ -63,20 +70,20 @@ def kept_spans(labels):
 
 
 def encode(env, rec, c=None, epoch=0):
-    return D.encode_example(rec, env.proc, c or cfg(), image_folder=env.folder, epoch=epoch)
+    return encode_example(rec, env.proc, c or cfg(), image_folder=env.folder, epoch=epoch)
 
 
 # --- templates, ids, labels ------------------------------------------------------------------------------------
 
 def test_template_parts_come_from_build_prompt():
-    v1, v0 = D.template_parts("llava_v1", SYS), D.template_parts("llava_v0", SYS)
+    v1, v0 = template_parts("llava_v1", SYS), template_parts("llava_v0", SYS)
     assert (v1.system, v1.user_tag, v1.assistant_tag, v1.answer_prefix, v1.end_of_turn) == \
         ("Sys. ", "USER: ", " ASSISTANT:", " ", "</s>")
     assert (v0.system, v0.user_tag, v0.assistant_tag, v0.answer_prefix, v0.end_of_turn) == \
         ("Sys.###", "Human: ", "###Assistant:", " ", "###")
 
 
-@pytest.mark.parametrize("template", D.TEMPLATES)
+@pytest.mark.parametrize("template", TEMPLATES)
 def test_multi_turn_labels_decode_to_answers_and_end_of_turn(env, template):
     answers = ["A cat.", "It is grey, mostly.", "No."]
     rec = {"id": "mt", "image": "a.png",
@@ -88,10 +95,10 @@ def test_multi_turn_labels_decode_to_answers_and_end_of_turn(env, template):
     assert spans == [" " + a + eot for a in answers]
     if template == "llava_v1":  # the end of turn is the eos token itself
         assert all(s[-1] == EOS for s in kept_spans(ex.labels))
-    kept = ex.labels != D.IGNORE_INDEX
+    kept = ex.labels != IGNORE_INDEX
     np.testing.assert_array_equal(ex.labels[kept], ex.input_ids[kept])
-    assert ex.input_ids[0] == BOS and ex.labels[0] == D.IGNORE_INDEX
-    assert (ex.input_ids == IMG).sum() == SEQ and (ex.labels[ex.input_ids == IMG] == D.IGNORE_INDEX).all()
+    assert ex.input_ids[0] == BOS and ex.labels[0] == IGNORE_INDEX
+    assert (ex.input_ids == IMG).sum() == SEQ and (ex.labels[ex.input_ids == IMG] == IGNORE_INDEX).all()
     # the text is build_prompt's (the template lives in processing.py), v0 with its final "###"
     turns = [("<image>\nWhat is it?", answers[0]), ("Colour?", answers[1]), ("More?", answers[2])]
     assert ex.text == build_prompt(turns, num_images=0, system=SYS, style=template) + ("###" if eot == "###" else "")
@@ -159,7 +166,7 @@ def sentencepiece_like(legacy: bool, extra_merges=()):
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "metaspace"])
-@pytest.mark.parametrize("template", D.TEMPLATES)
+@pytest.mark.parametrize("template", TEMPLATES)
 def test_sentencepiece_style_pieces_equal_whole_string(env, template, legacy):
     """Spaces attach to the next word and merge with it: the pieces still split at token edges, and equal
     whole-string tokenization (checked inside encode_example)."""
@@ -167,7 +174,7 @@ def test_sentencepiece_style_pieces_equal_whole_string(env, template, legacy):
     answers = ["A cat at ASSISTANT.", "What"]
     rec = {"id": "sp", "image": "a.png", "conversations": conv(("What cat?\n<image>", answers[0]),
                                                                ("USER: cat", answers[1]))}
-    ex = D.encode_example(rec, proc, cfg(template=template, system_prompt="A chat."), image_folder=env.folder)
+    ex = encode_example(rec, proc, cfg(template=template, system_prompt="A chat."), image_folder=env.folder)
     eot = "</s>" if template == "llava_v1" else "###"
     tok = proc.tokenizer
     spans = [tok.convert_ids_to_tokens(s) for s in kept_spans(ex.labels)]
@@ -176,8 +183,8 @@ def test_sentencepiece_style_pieces_equal_whole_string(env, template, legacy):
     # a merge across the "###" / "Human" edge: no clean boundary, so a DataError, never silently shifted labels
     if template == "llava_v0":
         bad = sentencepiece_like(legacy, extra_merges=[("#", "H")])
-        with pytest.raises(D.DataError, match="tokenization mismatch"):
-            D.encode_example(rec, bad, cfg(template=template, system_prompt="A chat."), image_folder=env.folder)
+        with pytest.raises(DataError, match="tokenization mismatch"):
+            encode_example(rec, bad, cfg(template=template, system_prompt="A chat."), image_folder=env.folder)
 
 
 # --- markers ---------------------------------------------------------------------------------------------------
@@ -260,13 +267,13 @@ def test_truncation_and_drop_counting(env):
     rec = {"id": "long", "image": "a.png", "conversations": conv(("<image>\nQ", long_answer))}
     ex = encode(env, rec, cfg(max_length=64))
     assert len(ex.input_ids) == 64 and ex.truncated and (ex.input_ids == IMG).sum() == SEQ
-    assert (ex.labels != D.IGNORE_INDEX).sum() > 0
+    assert (ex.labels != IGNORE_INDEX).sum() > 0
     late = {"id": "late", "image": "a.png", "conversations": conv(("Q" * 30, "A"), ("<image>\nmore", "B"))}
-    with pytest.raises(D.ExampleDropped, match="late") as e:
+    with pytest.raises(ExampleDropped, match="late") as e:
         encode(env, late, cfg(max_length=64))
     assert e.value.reason == "too_long"
     good = {"id": "ok", "conversations": conv(("Q", "A"))}
-    it = D.make_train_iterator([rec, late, good], env.proc, cfg(max_length=64, batch_size=2), image_folder=env.folder,
+    it = make_train_iterator([rec, late, good], env.proc, cfg(max_length=64, batch_size=2), image_folder=env.folder,
                                num_epochs=1)
     batches = list(it)
     assert len(batches) == 1 and batches[0]["input_ids"].shape == (2, 64)
@@ -287,16 +294,16 @@ BAD = [
 
 @pytest.mark.parametrize("rec,what", BAD, ids=[r["id"] for r, _ in BAD])
 def test_bad_input_errors_name_record_and_path(env, rec, what):
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         encode(env, rec)
     assert rec["id"] in str(e.value) and what in str(e.value) and e.value.record_id == rec["id"]
 
 
 def test_bad_inputs_raise_in_iterator_or_are_skipped_and_counted(env):
     recs = [r for r, _ in BAD] + [{"id": f"g{i}", "conversations": conv(("Q", f"A{i}"))} for i in range(3)]
-    with pytest.raises(D.DataError, match="b-"):
-        list(D.make_train_iterator(recs, env.proc, cfg(batch_size=2), image_folder=env.folder, num_epochs=1))
-    it = D.make_train_iterator(recs, env.proc, cfg(batch_size=2, skip_bad_examples=True), image_folder=env.folder,
+    with pytest.raises(DataError, match="b-"):
+        list(make_train_iterator(recs, env.proc, cfg(batch_size=2), image_folder=env.folder, num_epochs=1))
+    it = make_train_iterator(recs, env.proc, cfg(batch_size=2, skip_bad_examples=True), image_folder=env.folder,
                                num_epochs=1)
     batches = list(it)
     assert sum(int((b["attention_mask"].sum(1) > 0).sum()) for b in batches) == 3
@@ -322,10 +329,10 @@ def _mixed_records(n=12):
 def test_batches_bucketed_shapes_and_dtypes(env):
     c = cfg(batch_size=3, max_length=256, max_images_per_example=2)
     assert c.lengths == (64, 128, 256) and c.images_buckets() == (1, 2, 4, 6)
-    it = D.make_train_iterator(_mixed_records(), env.proc, c, image_folder=env.folder, num_epochs=2)
+    it = make_train_iterator(_mixed_records(), env.proc, c, image_folder=env.folder, num_epochs=2)
     shapes = set()
     for b in it:
-        assert set(b) == set(D.BATCH_KEYS) | {"num_tokens"}
+        assert set(b) == set(BATCH_KEYS) | {"num_tokens"}
         t, i = b["input_ids"].shape[1], b["pixel_values"].shape[0]
         assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (3, t)
         assert b["input_ids"].dtype == b["labels"].dtype == b["attention_mask"].dtype == np.int32
@@ -336,9 +343,9 @@ def test_batches_bucketed_shapes_and_dtypes(env):
         assert b["image_valid"].sum() == n_real and b["image_valid"][:n_real].all()
         assert not b["pixel_values"][n_real:].any()
         m = b["attention_mask"].astype(bool)
-        assert (b["input_ids"][~m] == PAD).all() and (b["labels"][~m] == D.IGNORE_INDEX).all()
+        assert (b["input_ids"][~m] == PAD).all() and (b["labels"][~m] == IGNORE_INDEX).all()
         assert (m[:, :-1] >= m[:, 1:]).all()  # right padding
-        assert int(b["num_tokens"]) == int((b["labels"] != D.IGNORE_INDEX).sum())
+        assert int(b["num_tokens"]) == int((b["labels"] != IGNORE_INDEX).sum())
         shapes.add((t, i))
     assert len(shapes) >= 2
 
@@ -356,7 +363,7 @@ def _answers(env, batch):
 def test_iterator_state_restore_is_exact_across_epochs(env):
     recs = _mixed_records(7)
     c = cfg(batch_size=2, max_length=256, max_images_per_example=2, pad_to_square=True)
-    mk = lambda: D.make_train_iterator(recs, env.proc, c, image_folder=env.folder)  # noqa: E731
+    mk = lambda: make_train_iterator(recs, env.proc, c, image_folder=env.folder)  # noqa: E731
     it = mk()
     for _ in range(3):
         next(it)
@@ -374,15 +381,15 @@ def test_iterator_state_restore_is_exact_across_epochs(env):
 
 def test_epochs_reshuffle_and_cover_everything(env):
     recs = [{"id": f"e{i}", "conversations": conv(("Q", f"answer {i}"))} for i in range(8)]
-    it = D.make_train_iterator(recs, env.proc, cfg(batch_size=4, max_length=64), num_epochs=2)
+    it = make_train_iterator(recs, env.proc, cfg(batch_size=4, max_length=64), num_epochs=2)
     seen = [a for b in it for a in _answers(env, b)]
     e0, e1 = seen[:8], seen[8:]
     want = sorted(f"answer {i}" for i in range(8))
     assert sorted(e0) == sorted(e1) == want and e0 != e1
-    again = [a for b in D.make_train_iterator(recs, env.proc, cfg(batch_size=4, max_length=64), num_epochs=2)
+    again = [a for b in make_train_iterator(recs, env.proc, cfg(batch_size=4, max_length=64), num_epochs=2)
              for a in _answers(env, b)]
     assert again == seen  # seeded
-    other = [a for b in D.make_train_iterator(recs, env.proc, cfg(batch_size=4, max_length=64, seed=5), num_epochs=1)
+    other = [a for b in make_train_iterator(recs, env.proc, cfg(batch_size=4, max_length=64, seed=5), num_epochs=1)
              for a in _answers(env, b)]
     assert other != e0
 
@@ -391,32 +398,32 @@ def test_host_shards_are_disjoint_and_complete(env):
     recs = [{"id": f"s{i}", "conversations": conv(("Q", f"answer {i}"))} for i in range(10)]
     per_host = []
     for h in range(3):
-        it = D.make_train_iterator(recs, env.proc, cfg(batch_size=2, max_length=64), num_epochs=1,
+        it = make_train_iterator(recs, env.proc, cfg(batch_size=2, max_length=64), num_epochs=1,
                                    shard_index=h, shard_count=3)
         per_host.append([a for b in it for a in _answers(env, b)])
     flat = [a for p in per_host for a in p]
     assert sorted(flat) == sorted(f"answer {i}" for i in range(10)) and len(set(flat)) == 10
     # eval: every host the same number of batches (padding batches where its share ran out)
-    counts = [len(list(D.make_eval_iterator(recs, env.proc, cfg(batch_size=2, max_length=64), shard_index=h,
+    counts = [len(list(make_eval_iterator(recs, env.proc, cfg(batch_size=2, max_length=64), shard_index=h,
                                             shard_count=3))) for h in range(3)]
     assert counts == [2, 2, 2]
     few = [{"id": "only", "conversations": conv(("Q", "A"))}]  # a host whose share is empty still keeps step
-    assert [len(list(D.make_eval_iterator(few, env.proc, cfg(batch_size=2, max_length=64), shard_index=h,
+    assert [len(list(make_eval_iterator(few, env.proc, cfg(batch_size=2, max_length=64), shard_index=h,
                                           shard_count=2))) for h in range(2)] == [1, 1]
 
 
 def test_worker_processes_give_the_same_batches(env):
     recs = _mixed_records(6)
     c = cfg(batch_size=2, max_length=256, max_images_per_example=2)
-    ref = [next(it) for it in [D.make_train_iterator(recs, env.proc, c, image_folder=env.folder)] for _ in range(3)]
-    it = D.make_train_iterator(recs, env.proc, c, image_folder=env.folder, num_workers=1)
+    ref = [next(it) for it in [make_train_iterator(recs, env.proc, c, image_folder=env.folder)] for _ in range(3)]
+    it = make_train_iterator(recs, env.proc, c, image_folder=env.folder, num_workers=1)
     got = [next(it) for _ in range(3)]
     for a, b in zip(ref, got):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     state = json.loads(json.dumps(it.get_state()))
     nxt = next(it)
-    it2 = D.make_train_iterator(recs, env.proc, c, image_folder=env.folder, num_workers=1)
+    it2 = make_train_iterator(recs, env.proc, c, image_folder=env.folder, num_workers=1)
     it2.set_state(state)
     b = next(it2)
     for k in nxt:
@@ -431,12 +438,12 @@ def test_cache_examples_gives_the_same_batches_and_encodes_region_free_records_o
     recs = _mixed_records(9) + [{"id": "long", "conversations": conv(("Q" * 300, "A"))}]
     c = cfg(batch_size=2, max_length=256, max_images_per_example=2)
     calls = []
-    real = D.encode_example
-    monkeypatch.setattr(D, "encode_example", lambda rec, *a, **k: calls.append(rec["id"]) or real(rec, *a, **k))
+    real = encode_example
+    monkeypatch.setattr(pipeline, "encode_example", lambda rec, *a, **k: calls.append(rec["id"]) or real(rec, *a, **k))
 
     def run(**kw):
         calls.clear()
-        it = D.make_train_iterator(recs, env.proc, dataclasses.replace(c, **kw), image_folder=env.folder,
+        it = make_train_iterator(recs, env.proc, dataclasses.replace(c, **kw), image_folder=env.folder,
                                    num_epochs=3)
         return list(it), it.stats(), list(calls)
 
@@ -463,8 +470,8 @@ def test_group_by_length_sorts_within_groups_and_keeps_the_stream(env):
     # a bucket for every length: a batch is padded to its longest row only
     plain = cfg(batch_size=4, max_length=128, length_buckets=tuple(range(min(lengths), max(lengths) + 1)) + (128,))
     grouped = dataclasses.replace(plain, group_by_length=3)
-    ref = list(D.make_train_iterator(recs, env.proc, plain, num_epochs=2))
-    got = list(D.make_train_iterator(recs, env.proc, grouped, num_epochs=2))
+    ref = list(make_train_iterator(recs, env.proc, plain, num_epochs=2))
+    got = list(make_train_iterator(recs, env.proc, grouped, num_epochs=2))
     assert len(got) == len(ref) == 12
     for g in range(0, 12, 3):  # each group: the same 12 examples as the same 3 plain batches, sorted by length
         ref_ans = sorted(a for b in ref[g:g + 3] for a in _answers(env, b))
@@ -475,11 +482,11 @@ def test_group_by_length_sorts_within_groups_and_keeps_the_stream(env):
         assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # no overlap between the batches
     pad = lambda bs: sum(b["input_ids"].size - int(b["attention_mask"].sum()) for b in bs)  # noqa: E731
     assert pad(got) < pad(ref)
-    again = list(D.make_train_iterator(recs, env.proc, grouped, num_epochs=2))
+    again = list(make_train_iterator(recs, env.proc, grouped, num_epochs=2))
     for a, b in zip(got, again):  # seeded
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     # a stream that ends inside a group: what is left is sorted and yielded, nothing lost
-    short = list(D.make_train_iterator(recs[:10], env.proc, grouped, num_epochs=1))
+    short = list(make_train_iterator(recs[:10], env.proc, grouped, num_epochs=1))
     assert sorted(a for b in short for a in _answers(env, b)) == sorted(f"answer {i}" for i in range(10))
 
 
@@ -487,7 +494,7 @@ def test_group_by_length_sorts_within_groups_and_keeps_the_stream(env):
 def test_group_by_length_state_restore_is_exact(env, after):
     recs = _varied_records(14)
     c = cfg(batch_size=2, max_length=128, group_by_length=3, length_buckets=(48, 56, 64, 72, 80, 128))
-    mk = lambda: D.make_train_iterator(recs, env.proc, c)  # noqa: E731
+    mk = lambda: make_train_iterator(recs, env.proc, c)  # noqa: E731
     it = mk()
     for _ in range(after):
         next(it)
@@ -500,7 +507,7 @@ def test_group_by_length_state_restore_is_exact(env, after):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert it2.stats() == it.stats()
-    plain = D.make_train_iterator(recs, env.proc, dataclasses.replace(c, group_by_length=0))
+    plain = make_train_iterator(recs, env.proc, dataclasses.replace(c, group_by_length=0))
     with pytest.raises(ValueError, match="group_by_length"):
         plain.set_state(state)
 
@@ -511,29 +518,29 @@ def test_load_records_json_and_jsonl(tmp_path):
     recs = [{"id": "1", "conversations": conv(("Q", "A"))}, {"id": "2", "image": "x.png", "conversations": []}]
     (tmp_path / "d.json").write_text(json.dumps(recs))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
-    assert D.load_records(tmp_path / "d.json") == recs == D.load_records(tmp_path / "d.jsonl")
+    assert load_records(tmp_path / "d.json") == recs == load_records(tmp_path / "d.jsonl")
     (tmp_path / "bad.jsonl").write_text(json.dumps(recs[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match="line 2"):
-        D.load_records(tmp_path / "bad.jsonl")
+        load_records(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        D.load_records(tmp_path / "missing.json")
+        load_records(tmp_path / "missing.json")
 
 
-def test_config_from_train_and_resolve(env):
-    tc = types.SimpleNamespace(template="llava_v0", max_length=300, pad_to_square=True, marker_kinds=("point",),
-                               skip_bad_examples=True, seed=7, batch_size=16, micro_batch_size=4)
+def test_data_config_from_train_config_and_resolve(env):
+    tc = TrainConfig(template="llava_v0", max_length=300, pad_to_square=True, marker_kinds=("point",),
+                     skip_bad_examples=True, seed=7, batch_size=16, grad_accum=4)
     mc = types.SimpleNamespace(image_token_index=IMG, pad_token_id=PAD)
-    c = D.DataConfig.from_train(tc, mc, env.proc)
+    c = tc.data_config(mc, env.proc)
     assert (c.template, c.max_length, c.pad_to_square, c.marker_kinds, c.skip_bad_examples, c.seed, c.batch_size) \
         == ("llava_v0", 300, True, ("point",), True, 7, 4)
     assert (c.image_seq_length, c.image_token_index, c.pad_token_id) == (SEQ, IMG, PAD)
     assert c.lengths == (64, 128, 256, 300)
     with pytest.raises(ValueError, match="marker kinds"):
-        D.DataConfig(marker_kinds=("star",))
+        DataConfig(marker_kinds=("star",))
     with pytest.raises(ValueError, match="template"):
-        D.DataConfig(template="chatml")
-    c = D.DataConfig.from_train(TrainConfig(model="m", data="d", output="o", max_length=112,
-                                            length_buckets="64,96,112", group_by_length=16, batch_size=32))
+        DataConfig(template="chatml")
+    c = TrainConfig(model="m", data="d", output="o", max_length=112, length_buckets="64,96,112", group_by_length=16,
+                    batch_size=32).data_config()
     assert (c.lengths, c.group_by_length, c.batch_size) == ((64, 96, 112), 16, 32)
     assert TrainConfig(length_buckets=[64, 128], max_length=128).length_buckets == (64, 128)
     for bad, msg in (({"length_buckets": "64,96"}, "must reach max_length"), ({"length_buckets": "64,x,112"}, "positive"),
@@ -541,7 +548,7 @@ def test_config_from_train_and_resolve(env):
         with pytest.raises(ValueError, match=msg):
             TrainConfig(max_length=112, **bad)
         with pytest.raises(ValueError, match=msg):
-            D.DataConfig(max_length=112, **bad)
+            DataConfig(max_length=112, **bad)
     # YAML 1.1 reads "2e-3" as a string: numbers in any spelling are numbers; anything else names its setting
     c = TrainConfig(lr="2e-3", muon_lr="1e-3", weight_decay="0", optimizer="muon")
     assert (c.lr, c.muon_lr, c.weight_decay, c.optimizer) == (2e-3, 1e-3, 0.0, "muon")

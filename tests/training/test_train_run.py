@@ -432,8 +432,9 @@ def test_eval_loss_and_keeping_latest_and_best(env, tmp_path):
     """Eval every 3 steps: its loss is the supervised-token mean of HF-convention losses over the eval set
     (recomputed here from the exported model), and the checkpoints kept are the 2 newest and the 2 best."""
     from vipllava_jax.data import Processor
-    from vipllava_jax.training import data as D
+    from vipllava_jax.data.records import load_records
     from vipllava_jax.training.loss import loss_fn
+    from vipllava_jax.training.pipeline import make_eval_iterator
     root, model, data = env
     cfg = base_cfg(env, tmp_path / "ev", max_steps=9, save_every=1, keep=2, eval_data=str(data), eval_every=3)
     train(cfg)
@@ -445,9 +446,9 @@ def test_eval_loss_and_keeping_latest_and_best(env, tmp_path):
     assert kept == sorted({8, 9} | set(best2))
     module, params = load_pretrained(tmp_path / "ev" / "hf", progress=False)
     proc = Processor.from_pretrained(model)
-    dcfg = D.DataConfig.from_train(cfg, module.config, proc)
+    dcfg = cfg.data_config(module.config, proc)
     total = count = 0.0
-    for b in D.make_eval_iterator(D.load_records(data), proc, dcfg, image_folder=root / "images", batch_size=4):
+    for b in make_eval_iterator(load_records(data), proc, dcfg, image_folder=root / "images", batch_size=4):
         loss, m = loss_fn(module, params, b)
         total += float(loss) * int(m["num_tokens"])
         count += int(m["num_tokens"])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
-from ..data.prompts import DEFAULT_SYSTEM_PROMPT
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES
 from ..evals.evaluation import METRICS, evaluate, load_eval_records, write_answers, write_vipbench_results
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
 from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--metric", choices=METRICS, default="exact")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompt-style", choices=("llava_v1", "llava_v0"), default="llava_v1",
+    p.add_argument("--prompt-style", choices=TEMPLATES, default="llava_v1",
                    help="llava_v1 (ViP-LLaVA's training and ViP-Bench template, default) or llava_v0")
     p.add_argument("--system", default=None, help="system text (default: LLaVA's)")
     p.add_argument("--meta", default=None, help="ViP-Bench's vip-bench-meta-data.json (found beside --data if "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.prompts import TEMPLATES
 from ..parallel.distributed import add_distributed_args, initialize_from_args
 from ..training.config import FIELDS, TrainConfig, read_config_file
 from ..training.lora import LORA_TARGETS
@@ -59,7 +60,7 @@ def register(sub) -> None:
                    help="k > 1: make batches from k batches' examples sorted by length (less padding; 0: off)")
     p.add_argument("--cache-examples", type=_bool, nargs="?", const=True, default=S,
                    help="keep encoded examples (without regions) in memory across epochs: small datasets")
-    p.add_argument("--template", choices=("llava_v1", "llava_v0"), default=S)
+    p.add_argument("--template", choices=TEMPLATES, default=S)
     p.add_argument("--system-prompt", default=S, help="system text of the template (default: LLaVA's)")
     p.add_argument("--pad-to-square", type=_bool, nargs="?", const=True, default=S)
     p.add_argument("--marker-kinds", default=S, help="comma-separated visual prompt kinds to draw")

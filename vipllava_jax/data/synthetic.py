@@ -181,7 +181,7 @@ class Shape:
         return f"{self.color} {self.kind}"
 
     def draw(self, d: ImageDraw.ImageDraw, fill) -> None:
-        # outline too, as training.markers.polygon_mask fills a segmentation: the same pixels
+        # outline too, as records.polygon_mask fills a segmentation: the same pixels
         d.polygon(self.polygon, fill=fill, outline=fill)
 
     def mask(self, size: tuple[int, int]) -> np.ndarray:

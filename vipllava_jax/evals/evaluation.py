@@ -8,7 +8,7 @@
 
 Inputs (`load_eval_records`, or a list of dicts; the format is told per record):
 
-- Training format (LLaVA records, as `vipllava_jax.training.data` reads them): the question is the first human
+- Training format (LLaVA records, the schema of `vipllava_jax.data.records`): the question is the first human
   turn (its ``<image>`` tag removed: the prompt puts the image first, as training did), the ground truth the
   first gpt turn. A record with ``bboxes`` / ``segmentations`` and ``<bboxN>`` placeholders gets one marker
   per region drawn (`draw_regions`: a fixed, deterministic style -- the record's first "marker_kinds" entry or
@@ -59,34 +59,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..data import visual_prompts as vp
 from ..data.images import load_image
-from ..data.prompts import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, build_prompt
+from ..data.prompts import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, build_prompt, stop_for_template
+from ..data.records import (GPT_ROLES, HUMAN_ROLES, RecordError, Region, fill_placeholders, image_paths,
+                            parse_regions, polygon_mask, read_json_or_jsonl, record_id, role)
 from ..generation.api import generate
 from ..generation.stop_strings import stop_strings_for
 
 __all__ = [
-    "METRICS", "TEMPLATES", "EvalError", "EvalRecord", "evaluate", "load_eval_records", "parse_record",
-    "score_answer", "normalize_answer", "draw_regions", "Region", "find_vipbench_meta", "write_answers", "write_vipbench_results", "stop_for_template",
+    "METRICS", "EvalError", "EvalRecord", "evaluate", "load_eval_records", "parse_record", "score_answer",
+    "normalize_answer", "draw_regions", "find_vipbench_meta", "write_answers", "write_vipbench_results",
 ]
 
 METRICS = ("exact", "contains", "choice")
-TEMPLATES = ("llava_v1", "llava_v0")
 VIPBENCH_META = "vip-bench-meta-data.json"
-_BBOX_RE = re.compile(r"<bbox(\d*)>")
-_HUMAN = ("human", "user")
-_GPT = ("gpt", "assistant")
 
 
-class EvalError(ValueError):
+class EvalError(RecordError):
     """A record that cannot be evaluated; `record_id` names it, the message says why (and the path)."""
-
-    def __init__(self, record_id, message: str):
-        self.record_id = record_id
-        super().__init__(f"record {record_id!r}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,12 +162,10 @@ class EvalRecord:
 
 
 def _rid(record: dict):
-    """A ViP-Bench question_id as it is; else the training pipeline's id: "id" as a string, or a digest."""
+    """A ViP-Bench question_id as it is; else the training pipeline's id (`record_id`)."""
     if "question_id" in record:
         return record["question_id"]
-    if record.get("id") is not None:
-        return str(record["id"])
-    return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return record_id(record)
 
 
 def _info(record: dict) -> dict:
@@ -188,45 +179,6 @@ def _info(record: dict) -> dict:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Region:
-    box: tuple | None  # (x0, y0, x1, y1) pixels
-    polygons: tuple | None = None  # ((x0, y0, x1, y1, ...), ...) pixels, COCO style
-
-
-def _regions(record: dict, rid) -> list[Region]:
-    boxes, segs = record.get("bboxes") or [], record.get("segmentations") or []
-    if not isinstance(boxes, list) or not isinstance(segs, list):
-        raise EvalError(rid, "'bboxes' and 'segmentations' must be lists")
-    if boxes and segs and len(boxes) != len(segs):
-        raise EvalError(rid, f"{len(boxes)} bboxes but {len(segs)} segmentations")
-    out = []
-    for i in range(max(len(boxes), len(segs))):
-        try:
-            box = tuple(float(v) for v in boxes[i]) if boxes else None
-            polys = segs[i] if segs else None
-            if polys and not isinstance(polys[0], (list, tuple)):
-                polys = [polys]
-            polys = tuple(tuple(float(v) for v in p) for p in polys) if polys else None
-        except (TypeError, ValueError):
-            raise EvalError(rid, f"region {i}: malformed bbox / segmentation") from None
-        if box is not None and len(box) != 4:
-            raise EvalError(rid, f"bboxes[{i}] must be [x0, y0, x1, y1]")
-        if box is None and polys is None:
-            raise EvalError(rid, f"region {i} has neither a bbox nor a segmentation")
-        out.append(Region(box, polys))
-    return out
-
-
-def _polygon_mask(polygons, size) -> np.ndarray:
-    img = Image.new("L", size, 0)
-    d = ImageDraw.Draw(img)
-    for poly in polygons:
-        if len(poly) >= 6 and len(poly) % 2 == 0:
-            d.polygon(list(zip(poly[0::2], poly[1::2])), fill=1, outline=1)
-    return np.asarray(img) > 0
-
-
 def draw_regions(image, regions: Sequence[Region], kind: str = "rectangle"):
     """(marked image, markers): one `kind` marker per region, region i in the i-th named colour, geometry fixed
     (rectangle / ellipse / triangle / scribble on the box, point at its centre, arrow from the upper left onto
@@ -237,7 +189,7 @@ def draw_regions(image, regions: Sequence[Region], kind: str = "rectangle"):
     names = list(vp.NAMED_COLORS)
     markers = []
     for i, reg in enumerate(regions):
-        mask = _polygon_mask(reg.polygons, (w, h)) if reg.polygons else None
+        mask = polygon_mask(reg.polygons, (w, h)) if reg.polygons else None
         if reg.box is not None:
             x0, y0, x1, y1 = reg.box
         elif mask is not None and mask.any():
@@ -265,7 +217,7 @@ def draw_regions(image, regions: Sequence[Region], kind: str = "rectangle"):
             m = vp.Arrow(tail, (cx, cy), **style)
         else:
             if mask is None or not mask.any():
-                mask = _polygon_mask([(x0, y0, x1, y0, x1, y1, x0, y1)], (w, h))
+                mask = polygon_mask([(x0, y0, x1, y0, x1, y1, x0, y1)], (w, h))
             m = vp.make_marker(kind, mask=mask, **style)
         markers.append(m)
     return vp.draw_markers(image, markers, warn_crop=False), markers
@@ -276,30 +228,22 @@ def parse_record(record: dict, meta: dict | None = None) -> EvalRecord:
     if not isinstance(record, dict):
         raise EvalError(None, f"a record must be a JSON object, got {type(record).__name__}")
     rid = _rid(record)
-    image = record.get("image")
-    if isinstance(image, list):
-        if len(image) != 1:
-            raise EvalError(rid, f"evaluation takes one image per record, got {len(image)}")
-        image = image[0]
-    if image is not None and (not isinstance(image, str) or not image):
-        raise EvalError(rid, f"'image' must be a path, got {image!r}")
+    paths = image_paths(record, rid, EvalError)
+    if len(paths) > 1 or (isinstance(record.get("image"), list) and not paths):
+        raise EvalError(rid, f"evaluation takes one image per record, got {len(paths)}")
+    image = paths[0] if paths else None
     if "conversations" in record:
         conv = record["conversations"]
         if not isinstance(conv, list):
             raise EvalError(rid, "'conversations' must be a list")
         turns = [t for t in conv if isinstance(t, dict)]
-        human = next((i for i, t in enumerate(turns) if str(t.get("from", "")).lower() in _HUMAN), None)
+        human = next((i for i, t in enumerate(turns) if role(t) in HUMAN_ROLES), None)
         q = turns[human].get("value") if human is not None else None
         if not isinstance(q, str) or not q.replace(IMAGE_TOKEN, "").strip():
             raise EvalError(rid, "has no question (no human turn with text)")
-        gt = next((t.get("value") for t in turns[human + 1:] if str(t.get("from", "")).lower() in _GPT), None)
+        gt = next((t.get("value") for t in turns[human + 1:] if role(t) in GPT_ROLES), None)
         question = q.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
-        regions = _regions(record, rid)
-        used = [int(m or 0) for m in _BBOX_RE.findall(question)]
-        if used and max(used) >= len(regions):
-            raise EvalError(rid, f"placeholder <bbox{max(used)}> but {len(regions)} region(s)")
-        if regions and image is None:
-            raise EvalError(rid, "has regions but no image to draw them on")
+        regions, used = parse_regions(record, rid, [question], image is not None, EvalError)
         kinds = record.get("marker_kinds")
         return EvalRecord(rid, image, question, gt if isinstance(gt, str) else None, "llava",
                           regions if used else [], tuple(kinds) if kinds else None, _info(record))
@@ -315,26 +259,6 @@ def parse_record(record: dict, meta: dict | None = None) -> EvalRecord:
     raise EvalError(rid, "is neither a training record ('conversations') nor a ViP-Bench question ('text')")
 
 
-def _read_json_or_jsonl(path: Path) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise FileNotFoundError(f"Cannot read data file {path}: {e.strerror or e}") from None
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not valid JSON: {e}") from None
-    return out
-
-
 def find_vipbench_meta(questions_path) -> Path | None:
     """ViP-Bench's meta-data file for a split's questions.jsonl: beside the split folder or the file."""
     p = Path(questions_path).resolve()
@@ -348,7 +272,7 @@ def load_eval_records(path, *, meta=None) -> list[dict]:
     """Records from a training-format JSON / JSONL or a ViP-Bench questions.jsonl. For ViP-Bench lines the
     ground truth is copied in as "answer" from `meta` (a path or dict; default: `find_vipbench_meta`)."""
     path = Path(path)
-    records = _read_json_or_jsonl(path)
+    records = read_json_or_jsonl(path)
     if any(isinstance(r, dict) and "conversations" not in r and "text" in r for r in records):
         if meta is None:
             meta = find_vipbench_meta(path)
@@ -403,12 +327,6 @@ def write_vipbench_results(answers: Sequence[dict], path) -> Path:
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------
 
-def stop_for_template(template: str) -> tuple[str, ...]:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)}")
-    return ("###",) if template == "llava_v0" else ("</s>",)
-
-
 def _image_path(rec: EvalRecord, image_folder) -> str:
     if image_folder is None or os.path.isabs(rec.image):
         return rec.image
@@ -433,7 +351,7 @@ def _prepare(rec: EvalRecord, image_folder):
             img, marks = draw_regions(img, rec.regions, kind)
         except ValueError as e:
             raise EvalError(rec.id, f"cannot draw the regions on {path}: {e}") from None
-        question = _BBOX_RE.sub(lambda m: vp.marker_phrase(marks[int(m.group(1) or 0)]), question)
+        question = fill_placeholders(question, [vp.marker_phrase(m) for m in marks])
     return question, img
 
 

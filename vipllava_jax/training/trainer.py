@@ -31,16 +31,19 @@ from tqdm.auto import tqdm
 from ..checkpoints.hf_io import is_disk_full
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
+from ..data.records import load_records
 from ..parallel.mesh import make_mesh
 from ..parallel.shardings import param_logical_axes, param_shardings
-from . import data as data_lib
 from .checkpointing import RunCheckpoints, abstract_like
-from .config import FIELDS, TrainConfig
+from .config import FIELDS, DataConfig, TrainConfig
 from .export import export_hf
 from .lora import LoraConfig, init_lora, lora_logical_axes
+from .loss import IGNORE_INDEX
 from .optim import lr_schedule, make_optimizer, split_params
-from .step import (StepConfig, batch_shardings, host_batch_multiple, init_state, jit_eval_step, jit_train_step,
-                   make_eval_step, make_train_step, put_batch, state_shardings, tree_logical_shardings)
+from .pipeline import make_eval_iterator, make_train_iterator
+from .step import (BATCH_KEYS, StepConfig, batch_shardings, host_batch_multiple, init_state, jit_eval_step,
+                   jit_train_step, make_eval_step, make_train_step, put_batch, state_shardings,
+                   tree_logical_shardings)
 
 # Settings that change what a resumed run computes: resuming with any of them changed is refused.
 RESUME_KEYS = ("model", "data", "image_folder", "stage", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
@@ -192,13 +195,13 @@ def stack_micro(batches: list[dict], multiple: int = 1) -> dict:
     rows = -(-max(b["input_ids"].shape[0] for b in batches) // multiple) * multiple
     n_img = max(b["pixel_values"].shape[0] for b in batches)
     n_img = -(-n_img // multiple) * multiple
-    out: dict[str, list] = {k: [] for k in data_lib.BATCH_KEYS}
+    out: dict[str, list] = {k: [] for k in BATCH_KEYS}
     for b in batches:
         dt, di = t - b["input_ids"].shape[1], n_img - b["pixel_values"].shape[0]
         dr = rows - b["input_ids"].shape[0]
         out["input_ids"].append(np.pad(b["input_ids"], ((0, dr), (0, dt))))
         out["attention_mask"].append(np.pad(b["attention_mask"], ((0, dr), (0, dt))))
-        out["labels"].append(np.pad(b["labels"], ((0, dr), (0, dt)), constant_values=data_lib.IGNORE_INDEX))
+        out["labels"].append(np.pad(b["labels"], ((0, dr), (0, dt)), constant_values=IGNORE_INDEX))
         out["pixel_values"].append(np.pad(b["pixel_values"], ((0, di),) + ((0, 0),) * 3))
         out["image_valid"].append(np.pad(b["image_valid"], (0, di)))
     return {k: np.stack(v) for k, v in out.items()}
@@ -211,7 +214,7 @@ class Setup:
     model_dir: Path
     mesh: object
     processor: Processor
-    data_cfg: data_lib.DataConfig
+    data_cfg: DataConfig
     records: list
     steps: int
     frozen: dict
@@ -237,8 +240,8 @@ def setup(cfg: TrainConfig) -> Setup:
     if cfg.dtype == "bfloat16":  # fp32 master parameters, bf16 compute
         module = module.clone(dtype=jnp.bfloat16)
     processor = Processor.from_pretrained(model_dir)
-    data_cfg = data_lib.DataConfig.from_train(cfg, module.config, processor)
-    records = data_lib.load_records(cfg.data)
+    data_cfg = cfg.data_config(module.config, processor)
+    records = load_records(cfg.data)
     steps = total_steps(cfg, len(records))
     if cfg.micro_batch_size % jax.process_count():
         raise TrainError(f"batch_size / grad_accum = {cfg.micro_batch_size} rows is not divisible by the "
@@ -299,7 +302,7 @@ class CompiledSteps:
 
 def evaluate(cfg: TrainConfig, s: Setup, steps: CompiledSteps, state, records) -> float:
     """Mean next-token loss over every supervised token of the eval records."""
-    it = data_lib.make_eval_iterator(records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
+    it = make_eval_iterator(records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
                                      batch_size=cfg.micro_batch_size // jax.process_count(),
                                      shard_index=jax.process_index(), shard_count=jax.process_count())
     total, count = 0.0, 0
@@ -331,7 +334,7 @@ def train(cfg: TrainConfig) -> dict:
         if jax.process_index() == 0:
             (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    it = data_lib.make_train_iterator(s.records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
+    it = make_train_iterator(s.records, s.processor, s.data_cfg, image_folder=cfg.image_folder,
                                       batch_size=cfg.micro_batch_size // jax.process_count(),
                                       shard_index=jax.process_index(), shard_count=jax.process_count(),
                                       num_workers=cfg.num_workers)
@@ -344,7 +347,7 @@ def train(cfg: TrainConfig) -> dict:
                   f"{jax.process_count()}: skipping the {start * cfg.grad_accum} micro-batches already trained on")
             for _ in range(start * cfg.grad_accum):
                 next(it)
-    eval_records = data_lib.load_records(cfg.eval_data) if cfg.eval_data else None
+    eval_records = load_records(cfg.eval_data) if cfg.eval_data else None
     steps = CompiledSteps(s)
     lr_at = lr_schedule(cfg.learning_rate, s.steps, cfg.warmup_ratio)
     writer = MetricsWriter(run_dir, start)

@@ -2,8 +2,9 @@
 
 ViP-LLaVA's loader (``llava/visual_prompt_generator.py``) drew one marker kind per example, a colour per
 region and a random width / opacity with Python's global ``random``. Here the same draw comes from the
-``numpy.random.Generator`` the caller passes in (seeded by (seed, epoch, record id) in `data.py`), so a rerun or
-a resumed run draws the same pixels. The drawing itself is `vipllava_jax.data.visual_prompts`.
+``numpy.random.Generator`` the caller passes in (seeded by (seed, epoch, record id) in
+`vipllava_jax.training.encoding`), so a rerun or a resumed run draws the same pixels. The drawing itself is
+`visual_prompts`.
 
 Two steps, so the text can be built (and a too-long example dropped) before any image is read:
 
@@ -30,7 +31,7 @@ Two steps, so the text can be built (and a too-long example dropped) before any 
 
   Opacity is 96-255 of 255 for every kind but the filled mask.
 
-Regions: `Region(box, polygons)`; box (x0, y0, x1, y1) in pixels, polygons COCO style (a list of flat
+Regions: `records.Region(box, polygons)`; box (x0, y0, x1, y1) in pixels, polygons COCO style (a list of flat
 [x0, y0, x1, y1, ...] lists) or None. **Mask kinds on a box-only region use the box as the polygon** (a filled or
 outlined rectangle) rather than being excluded, so every kind stays available for box-only data; restrict
 the kinds (``marker_kinds``) to exclude them. The kinds that training placed inside the mask (point,
@@ -43,11 +44,11 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from ..data import visual_prompts as vp
+from . import visual_prompts as vp
+from .records import Region, polygon_mask
 
-__all__ = ["Region", "MarkerStyle", "MarkerError", "sample_styles", "make_markers", "polygon_mask", "ANCHOR"]
+__all__ = ["MarkerStyle", "MarkerError", "sample_styles", "make_markers", "ANCHOR"]
 
 ANCHOR = 336  # sizes are for a 336 px image and scale with max(width, height) / 336, as in training
 
@@ -63,12 +64,6 @@ NAMED_PROBABILITY = 0.5  # training: half the time a random unnamed RGB colour
 
 class MarkerError(ValueError):
     """A region that cannot be drawn (a degenerate or off-image box, a polygon without area)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-    box: tuple | None  # (x0, y0, x1, y1) pixels
-    polygons: tuple | None = None  # ((x0, y0, x1, y1, ...), ...) pixels, COCO style
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +107,6 @@ def sample_styles(rng: np.random.Generator, kinds: Sequence[str], n_regions: int
     else:
         colors = [_random_unnamed_rgb(rng) for _ in range(n_regions)]
     return [MarkerStyle(kind, c) for c in colors]
-
-
-def polygon_mask(polygons, size: tuple[int, int]) -> np.ndarray:
-    """bool [H, W]: the union of COCO-style polygons (flat [x, y, ...] lists) on an image of size (w, h)."""
-    img = Image.new("L", size, 0)
-    d = ImageDraw.Draw(img)
-    for poly in polygons:
-        pts = [float(v) for v in poly]
-        if len(pts) >= 6 and len(pts) % 2 == 0:
-            d.polygon(list(zip(pts[0::2], pts[1::2])), fill=1, outline=1)
-    return np.asarray(img) > 0
 
 
 def _clip_box(box, size) -> tuple[float, float, float, float]:
