@@ -33,21 +33,27 @@ def test_inference_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
 
 
 FINETUNE_NOTEBOOK = ROOT / "notebooks" / "finetune_visual_prompts.ipynb"
-FINETUNE_TEST = {"n_train": 600, "n_eval": 60, "steps": 150}  # the notebook's own: 2000, 100, 400
+# The notebook's own settings: 2000 scenes, 100 held out, 400 steps. Measured on a 2-core CPU (2026-12-06):
+# FAST 0% -> 88% in under a minute; SLOW (2026-12-03) 0% -> 98%.
+FINETUNE_FAST = {"n_train": 300, "n_eval": 40, "steps": 100}
+FINETUNE_SLOW = {"n_train": 600, "n_eval": 60, "steps": 150}
 
 
 @pytest.mark.skipif(not shipped_model_available(), reason="no trained demo model is shipped")
-def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypatch):
+@pytest.mark.parametrize("settings", [FINETUNE_FAST, pytest.param(FINETUNE_SLOW, marks=pytest.mark.slow)],
+                         ids=["fast", "slow"])
+def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypatch, settings):
     """notebooks/finetune_visual_prompts.ipynb top to bottom on fewer scenes and steps: the shipped demo model,
-    fine-tuned on above/below questions it never saw, answers them far better after than before."""
+    fine-tuned on above/below questions it never saw, answers them far better after than before, and well
+    above chance (50%)."""
     import re
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(FINETUNE_NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"
-    params[0].source += f"\nN_TRAIN = {FINETUNE_TEST['n_train']}\nN_EVAL = {FINETUNE_TEST['n_eval']}\n" \
-                        f"STEPS = {FINETUNE_TEST['steps']}\nWORKDIR = {str(tmp_path / 'work')!r}\n"
+    params[0].source += f"\nN_TRAIN = {settings['n_train']}\nN_EVAL = {settings['n_eval']}\n" \
+                        f"STEPS = {settings['steps']}\nWORKDIR = {str(tmp_path / 'work')!r}\n"
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
@@ -56,7 +62,7 @@ def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypat
     m = re.search(r"before fine-tuning: (\d+)%   after: (\d+)%", text)
     assert m, text[-2000:]
     before, after = int(m.group(1)), int(m.group(2))
-    assert after >= before + 20, (before, after)
+    assert after >= before + 20 and after >= 75, (before, after)
     assert (tmp_path / "work" / "run" / "hf" / "model.safetensors").is_file()
     pngs = [o for o in outputs if o.output_type in ("execute_result", "display_data") and "image/png" in o.data]
     assert len(pngs) == 4

@@ -13,7 +13,7 @@ from vipllava_jax import load_pretrained
 from vipllava_jax.checkpoints import to_hf_state_dict
 from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
-from test_parity import rel_err
+from vipllava_jax.testing import rel_err
 from vipllava_jax.training import loss_fn
 from vipllava_jax.training.lora import LoraConfig, apply_lora, init_lora
 from vipllava_jax.training.optim import (is_muon_matrix, lr_schedule, make_optimizer, merge_params,
