@@ -23,9 +23,9 @@ Inputs (`load_eval_records`, or a list of dicts; the format is told per record):
   field on the line itself is used too. Without either, answers are written and nothing is scored.
 
 Generation: prompts built by `data.build_prompt` in `template` (``llava_v1``, ViP-LLaVA's training and
-ViP-Bench template, by default; ``llava_v0`` is the HF model card's), tokenised and left padded by the
-project's `Processor`, then `generation.generate` (greedy; with `mesh`, sharded as ``vipllava-jax generate``
-shards it) in batches of `batch_size` records. The last batch is filled up with copies of its last record, so
+ViP-Bench template, by default; ``llava_v0`` is the HF model card's), answered by `generation.generate_text`
+(the project's `Processor`, left padding, greedy; with `mesh`, sharded as ``vipllava-jax generate`` shards it)
+in batches of `batch_size` records. The last batch is filled up with copies of its last record, so
 every batch has the same shape and compiles once; the copies' answers are dropped. An answer is the decoded
 text up to the template's stop string (``</s>`` / ``###``), stripped.
 
@@ -66,8 +66,7 @@ from ..data.images import load_image
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, build_prompt, stop_for_template
 from ..data.records import (GPT_ROLES, HUMAN_ROLES, RecordError, Region, fill_placeholders, image_paths,
                             parse_regions, polygon_mask, read_json_or_jsonl, record_id, role)
-from ..generation.api import generate
-from ..generation.stop_strings import stop_strings_for
+from ..generation.text import generate_text
 
 __all__ = [
     "METRICS", "EvalError", "EvalRecord", "evaluate", "load_eval_records", "parse_record", "score_answer",
@@ -355,11 +354,6 @@ def _prepare(rec: EvalRecord, image_folder):
     return question, img
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    return (text[:cut] if cut >= 0 else text).strip()
-
-
 def evaluate(module, params, processor, records, *, image_folder=None, batch_size: int = 8,
              metric: str = "exact", max_new_tokens: int = 32, template: str = "llava_v1", mesh=None,
              skip_bad_examples: bool = False, progress: bool = True, system: str = DEFAULT_SYSTEM_PROMPT,
@@ -410,11 +404,6 @@ def evaluate(module, params, processor, records, *, image_folder=None, batch_siz
         except EvalError as e:
             bad(e)
 
-    tables = stop_strings_for(processor.tokenizer, stop, module.config.text.vocab_size)
-    gen_kw = dict(max_new_tokens=max_new_tokens, stop_strings=tables, mesh=mesh,
-                  pad_token_id=processor.pad_token_id)
-    if processor.eos_token_id is not None:
-        gen_kw["eos_token_id"] = processor.eos_token_id
     answers: list[dict] = []
     bar = tqdm(total=len(parsed), desc="eval", unit="q", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     correct, n_scored = 0.0, 0
@@ -435,12 +424,11 @@ def evaluate(module, params, processor, records, *, image_folder=None, batch_siz
             continue
         n_real = len(chunk)
         rows = prepared + [prepared[-1]] * (batch_size - n_real)  # same batch shape every time: one compile
-        texts = [build_prompt(q, 1 if img is not None else 0, system=system, style=template) for q, img in rows]
+        prompts = [build_prompt(q, 1 if img is not None else 0, system=system, style=template) for q, img in rows]
         images = [img for _, img in rows if img is not None]
-        enc = processor(texts, images or None)
-        toks = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"], **gen_kw)
-        for rec, (question, _img), row in zip(chunk, prepared, toks[:n_real]):
-            text = _cut(processor.decode(np.asarray(row).tolist()), stop)
+        texts = generate_text(module, params, processor, prompts, images, max_new_tokens=max_new_tokens, stop=stop,
+                              mesh=mesh)
+        for rec, (question, _img), text in zip(chunk, prepared, texts[:n_real]):
             meta_out: dict[str, Any] = {"image": rec.image, "ground_truth": rec.ground_truth, **rec.info}
             if rec.ground_truth is not None:
                 s = score_answer(text, rec.ground_truth, metric)
