@@ -117,13 +117,13 @@ def test_full_disk_is_one_line_and_keeps_the_previous_output(src, tmp_path):
 _KILL_SCRIPT = r"""
 import os, signal, sys
 import shutil
-from vipllava_jax.checkpoints import hf_io
+from vipllava_jax.checkpoints import atomic
 from vipllava_jax.cli import main
 stage = sys.argv[1]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_exchange, real_rmtree, real_replace = hf_io.exchange_paths, shutil.rmtree, os.replace
+real_exchange, real_rmtree, real_replace = atomic.exchange_paths, shutil.rmtree, os.replace
 if stage == "before swap":
-    hf_io.exchange_paths = lambda a, b: die()
+    atomic.exchange_paths = lambda a, b: die()
 elif stage == "after swap":
     def rmtree(p, *a, **k):
         if ".tmp-" in str(p):
@@ -134,7 +134,7 @@ elif stage == "during the orbax write":
     import orbax.checkpoint as ocp
     ocp.StandardCheckpointer.wait_until_finished = lambda self: die()
 elif stage == "fallback after both renames":  # a filesystem without RENAME_EXCHANGE
-    hf_io.exchange_paths = lambda a, b: False
+    atomic.exchange_paths = lambda a, b: False
     def rmtree(p, *a, **k):
         if ".old-" in str(p):
             die()

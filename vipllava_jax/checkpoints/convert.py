@@ -18,9 +18,11 @@ import numpy as np
 import flax.linen as nn
 from tqdm.auto import tqdm
 
-from ..models.config import CheckpointError, VipLlavaConfig
+from ..models.config import VipLlavaConfig
 from ..models.params import abstract_param_tree, flat_paths, unflatten_paths
-from .hf_io import HFCheckpoint, atomic_output_dir, save_safetensors
+from .atomic import atomic_output_dir
+from .config_file import CheckpointError
+from .hf_io import HFCheckpoint, save_safetensors
 from .hf_table import INVERSE, Target, canonical_key, export_key, flax_target, hf_key_for, hf_shape
 
 
@@ -179,7 +181,7 @@ def save_hf(params: dict, config: VipLlavaConfig, out_dir: str | os.PathLike, *,
             overwrite: bool = False) -> Path:
     """Write an HF directory (config.json + safetensors shards + index) that transformers loads.
 
-    Written into a temporary sibling and swapped into place (`hf_io.atomic_output_dir`), so ``out_dir`` is at
+    Written into a temporary sibling and swapped into place (`atomic.atomic_output_dir`), so ``out_dir`` is at
     every moment absent, the old directory whole (replaced only with ``overwrite``), or the new one whole.
     Call it on process 0 with host (numpy) params."""
     with atomic_output_dir(out_dir, overwrite=overwrite, collective=False) as tmp:

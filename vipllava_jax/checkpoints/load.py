@@ -7,11 +7,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from ..models.config import CheckpointError, Runtime, VipLlavaConfig, load_config_file
+from ..models.config import Runtime, VipLlavaConfig
 from ..models.vipllava import VipLlavaForConditionalGeneration
 from ..models.params import flat_paths
 from ..parallel.mesh import check_mesh
 from ..parallel.shardings import param_shardings
+from .config_file import CheckpointError, load_config_file
 from .convert import load_hf_params
 from .orbax import is_orbax_dir, restore_orbax
 

@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..models.config import CheckpointError, VipLlavaConfig, read_hf_config
+from ..models.config import VipLlavaConfig
 from ..models.params import abstract_param_tree, flat_paths, is_scanned, relayout, unflatten_paths
 from ..parallel.mesh import check_mesh
 from ..parallel.shardings import param_shardings
+from .atomic import atomic_output_dir, held_stderr, is_disk_full
+from .config_file import CheckpointError, read_hf_config
 from .convert import copy_tokenizer_files
-from .hf_io import atomic_output_dir, held_stderr, is_disk_full
 
 FORMAT_KEY = "vipllava_jax"
 
@@ -34,7 +35,7 @@ def is_orbax_dir(path) -> bool:
 
 def save_orbax(params: dict, config: VipLlavaConfig, out_dir, *, tokenizer_from=None, overwrite: bool = False) -> Path:
     """Save params + config (and the params' layout: stacked for ``nn.scan`` or not, read from the tree). Written
-    into a temporary sibling and swapped into place (see `hf_io.atomic_output_dir`): ``out_dir`` is at every
+    into a temporary sibling and swapped into place (see `atomic.atomic_output_dir`): ``out_dir`` is at every
     moment the old checkpoint or the new one, whole."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         with held_stderr(drop_if=is_disk_full):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import jax
 
-from ..parallel.plan import plan_memory
+from ..checkpoints.load import load_config
+from ..parallel.plan import find_preset, plan_memory
 
 
 def register(sub) -> None:
@@ -43,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
     if n is None and (args.mesh or "auto").strip() == "auto":
         n = jax.device_count()
     mem = None if args.device_memory is None else int(args.device_memory * 2**30)
-    plan = plan_memory(args.config, args.mesh, args.batch, args.seq_len, args.dtype, cache_dtype=args.cache_dtype,
+    # a model directory's config.json is read here (the planner sits below the checkpoint readers); a preset
+    # name (first, even where a directory has its name) or a config.json path goes to plan_memory as it is
+    config = args.config
+    if find_preset(config) is None and Path(config).is_dir():
+        config = load_config(config)
+    plan = plan_memory(config, args.mesh, args.batch, args.seq_len, args.dtype, cache_dtype=args.cache_dtype,
                        num_images=args.images, n_devices=n, full_logits=args.full_logits, device_memory_bytes=mem)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
     return 0

@@ -5,25 +5,19 @@
 * `CLIPVisionConfig`, `LlamaConfig` (with `RopeScaling`), `VipLlavaConfig`.
 * `Runtime`: how the JAX modules are laid out and run (``scan_layers``, ``remat_policy``, ``attn_impl``). It is
   not part of a checkpoint, so it sits beside the config: ``VipLlavaForConditionalGeneration(config, runtime)``.
+
+A bad field is a ``ValueError``; reading a model directory's config.json (a `CheckpointError` naming the file)
+is `vipllava_jax.checkpoints.config_file`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import warnings
-from pathlib import Path
 from typing import Any, ClassVar
 
 from .layers import check_activation, check_attn_impl, check_remat
 
 DEFAULT_FEATURE_LAYERS = (-2, -5, -8, -11, 6)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (its config.json, a weights file, an index, an orbax directory) that cannot be used as it
-    is: the message names the file and what is wrong. (Defined here, with the config.json reader; the
-    checkpoint readers in `vipllava_jax.checkpoints` raise it too.)"""
 
 
 def check_field_types(d: dict, section: str, *, positive: tuple[str, ...] = (), ints: tuple[str, ...] = (),
@@ -345,28 +339,3 @@ class VipLlavaConfig(HFConfig):
             "tie_word_embeddings": self.tie_word_embeddings,
         }
 
-
-# --- config.json --------------------------------------------------------------------------------------------
-def read_hf_config(model_dir: str | os.PathLike) -> dict:
-    """config.json as a dict; anything that is not a JSON object is a `CheckpointError` naming the file."""
-    p = Path(model_dir) / "config.json"
-    if not p.exists():
-        raise CheckpointError(f"No config.json in {model_dir}")
-    try:
-        with open(p, "rb") as f:
-            d = json.loads(f.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{p}: a JSON {type(d).__name__}, not an object of config fields")
-    return d
-
-
-def load_config_file(model_dir: str | os.PathLike, **kw) -> VipLlavaConfig:
-    """`VipLlavaConfig.from_hf` of a directory's config.json; a bad field is a `CheckpointError` naming the file."""
-    p = Path(model_dir) / "config.json"
-    d = read_hf_config(model_dir)
-    try:
-        return VipLlavaConfig.from_hf(d, **kw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: {e}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
-from ..models.config import VipLlavaConfig, load_config_file
+from ..models.config import VipLlavaConfig
 from ..models.llama import KVCache
 from ..models.params import abstract_param_tree, flat_paths
 from ..models.presets import PRESETS
@@ -29,19 +30,27 @@ from .mesh import batch_divisor, check_mesh_fits, mesh_sizes, parse_mesh_spec
 from .rules import MESH_AXES
 from .shardings import cache_shardings, logical_spec, shard_shape
 
-def get_config(name_or_path: str | VipLlavaConfig) -> VipLlavaConfig:
-    """A preset name (7b, 13b, tiny), an HF/orbax model directory or a config.json path."""
+def find_preset(name: str | os.PathLike) -> VipLlavaConfig | None:
+    """The preset a name means (``7b``, ``vip-llava-13b-hf``, ``TINY``, ...); None for any other name."""
+    return PRESETS.get(str(name).lower().removeprefix("vip-llava-").removesuffix("-hf"))
+
+
+def get_config(name_or_path: str | os.PathLike | VipLlavaConfig) -> VipLlavaConfig:
+    """A `VipLlavaConfig` as it is, a preset name (7b, 13b, tiny; before any path of that name), or a config.json
+    path. A model directory (HF or orbax) is refused, naming `vipllava_jax.checkpoints.load_config`, which reads
+    one (checkpoints sit above this layer; the ``plan`` command calls it for a directory)."""
     if isinstance(name_or_path, VipLlavaConfig):
         return name_or_path
-    key = str(name_or_path).lower().removeprefix("vip-llava-").removesuffix("-hf")
-    if key in PRESETS:
-        return PRESETS[key]
+    preset = find_preset(name_or_path)
+    if preset is not None:
+        return preset
     p = Path(name_or_path)
     if p.is_file():
         with open(p) as f:
             return VipLlavaConfig.from_hf(json.load(f))
     if p.is_dir():
-        return load_config_file(p)
+        raise ValueError(f"{name_or_path} is a model directory: read its config with "
+                         f"vipllava_jax.checkpoints.load_config and pass the VipLlavaConfig")
     raise ValueError(f"Unknown config {name_or_path!r}: give one of {', '.join(PRESETS)} or a model directory / "
                      f"config.json")
 
@@ -213,12 +222,13 @@ def activation_items(config: VipLlavaConfig, batch: int, seq_len: int, num_image
     return items
 
 
-def plan_memory(config: VipLlavaConfig | str, mesh, batch: int, seq_len: int, dtype=jnp.bfloat16, *,
+def plan_memory(config: VipLlavaConfig | str | os.PathLike, mesh, batch: int, seq_len: int, dtype=jnp.bfloat16, *,
                 cache_dtype=None, num_images: int | None = None, n_devices: int | None = None,
                 full_logits: bool = False, device_memory_bytes: int | None = None) -> MemoryPlan:
     """Per-device memory for serving `batch` sequences of `seq_len` tokens (prompt incl. image tokens plus
     generated tokens = KV-cache length) with `num_images` images (default: one per sequence).
 
+    config: as `get_config` takes it (a `VipLlavaConfig`, a preset name or a config.json path).
     mesh: a spec string ("data=2,fsdp=4", "auto" with n_devices), a sizes dict, a Mesh or an AbstractMesh;
     no real devices are needed. The batch is padded up to a multiple of data x fsdp, as `sharded_forward`
     does. Raises the same errors as `make_mesh` when the mesh does not fit the model."""

@@ -28,7 +28,7 @@ from tensorboardX.record_writer import masked_crc32c
 from tensorboardX.summary import scalar as scalar_summary
 from tqdm.auto import tqdm
 
-from ..checkpoints.hf_io import is_disk_full
+from ..checkpoints.atomic import is_disk_full
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
 from ..data.records import load_records
