@@ -22,6 +22,7 @@ from vipllava_jax.testing import make_tiny_checkpoint
 from vipllava_jax.testing import make_tiny_processor
 from test_parity import rel_err
 from vipllava_jax.training import TrainConfig, train
+from vipllava_jax.training import preemption
 from vipllava_jax.training import trainer as trainer_lib
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,8 +162,8 @@ def test_stopped_run_resumes_bitwise(env, full_run, tmp_path, monkeypatch):
     ref_out = env[0] / "run_full"
     cfg = base_cfg(env, out, max_steps=30, save_every=5)
     stop_at = {"step": 13}
-    real = trainer_lib.Preemption.should_stop
-    monkeypatch.setattr(trainer_lib.Preemption, "should_stop", lambda self, step: step == stop_at["step"]
+    real = preemption.Preemption.should_stop
+    monkeypatch.setattr(preemption.Preemption, "should_stop", lambda self, step: step == stop_at["step"]
                         or real(self, step))
     s1 = train(cfg)
     assert s1["steps"] == 13 and s1["stopped"] and not (out / "hf").exists()
@@ -186,8 +187,8 @@ def test_muon_run_learns_and_resumes_bitwise(env, tmp_path, monkeypatch):
     assert saved["optimizer"] == "muon" and saved["muon_lr"] == 2e-2
     out = tmp_path / "resumed"
     stop_at = {"step": 7}
-    real = trainer_lib.Preemption.should_stop
-    monkeypatch.setattr(trainer_lib.Preemption, "should_stop", lambda self, step: step == stop_at["step"]
+    real = preemption.Preemption.should_stop
+    monkeypatch.setattr(preemption.Preemption, "should_stop", lambda self, step: step == stop_at["step"]
                         or real(self, step))
     assert train(base_cfg(env, out, max_steps=16, optimizer="muon", muon_lr=2e-2))["stopped"]
     stop_at["step"] = -1

@@ -1,6 +1,6 @@
 """`train(cfg)`: the whole fine-tuning run. Load, shard, loop, log, checkpoint, resume, export.
 
-RUN_DIR layout: ``metrics.jsonl`` (one line per logged step), TensorBoard events (``tb/``),
+RUN_DIR layout: ``metrics.jsonl`` (one line per logged step) and TensorBoard events (``tb/``; see metrics.py);
 ``checkpoints/`` (orbax, see checkpointing.py), ``hf/`` (the final model, an HF directory) and
 ``train_config.json``. Running the same command again on the same RUN_DIR resumes from the latest checkpoint.
 """
@@ -12,10 +12,6 @@ import gc
 import json
 import logging
 import math
-import signal
-import socket
-import struct
-import threading
 import time
 from pathlib import Path
 
@@ -23,9 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.record_writer import masked_crc32c
-from tensorboardX.summary import scalar as scalar_summary
 from tqdm.auto import tqdm
 
 from ..checkpoints.atomic import is_disk_full
@@ -39,8 +32,10 @@ from .config import FIELDS, DataConfig, TrainConfig
 from .export import export_hf
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .loss import IGNORE_INDEX
+from .metrics import MetricsWriter
 from .optim import lr_schedule, make_optimizer, split_params
 from .pipeline import make_eval_iterator, make_train_iterator
+from .preemption import Preemption
 from .step import (BATCH_KEYS, StepConfig, batch_shardings, host_batch_multiple, init_state, jit_eval_step,
                    jit_train_step, make_eval_step, make_train_step, put_batch, state_shardings,
                    tree_logical_shardings)
@@ -59,100 +54,6 @@ class TrainError(RuntimeError):
 def _log0(msg: str) -> None:
     if jax.process_index() == 0:
         tqdm.write(msg)
-
-
-class EventFile:
-    """A TensorBoard event file written in the caller's thread (TFRecord framing of ``Event`` protos).
-
-    tensorboardX's SummaryWriter writes from a background thread: on a full disk that thread dies and the
-    writer is left open, flushing again at interpreter exit. Here every write fails where it is made and
-    ``close`` always releases the file."""
-
-    def __init__(self, directory: Path, first_step: int):
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{time.time_ns() % 10**9}"
-        self._f = open(directory / name, "ab")
-        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        # TensorBoard hides events at or past this step written by an earlier (resumed-from) run
-        self.write(Event(wall_time=time.time(), step=first_step, session_log=SessionLog(status=SessionLog.START)))
-        self.flush()
-
-    def write(self, event: Event) -> None:
-        data = event.SerializeToString()
-        head = struct.pack("<Q", len(data))
-        self._f.write(head + struct.pack("<I", masked_crc32c(head)) + data + struct.pack("<I", masked_crc32c(data)))
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()  # closes the file even when its last flush fails (then re-raises)
-
-
-class MetricsWriter:
-    """``metrics.jsonl`` and TensorBoard events; process 0 only. On resume, lines past the checkpoint's step
-    are dropped first (they are written again), so the file reads as one uninterrupted run."""
-
-    def __init__(self, run_dir: Path, resume_step: int):
-        self.on = jax.process_index() == 0
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not self.on:
-            return
-        if self.path.exists():
-            self.path.write_text("".join(ln + "\n" for ln in self.path.read_text().splitlines()
-                                         if _line_step(ln) is not None and _line_step(ln) <= resume_step))
-        self.tb = EventFile(run_dir / "tb", first_step=resume_step + 1)
-
-    def write(self, row: dict) -> None:
-        if not self.on:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        now = time.time()
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self.tb.write(Event(wall_time=now, step=row["step"], summary=scalar_summary(k, v)))
-        self.tb.flush()
-
-    def close(self) -> None:
-        tb, self.tb = self.tb, None
-        if tb is not None:
-            tb.close()
-
-
-def _line_step(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line cut short (a crash or a full disk mid-write)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-class Preemption:
-    """SIGTERM (what TPU VMs and SLURM send before preemption) asks the loop to stop after the current step.
-    With several processes JAX's preemption notice decides, so that every host stops at the same step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # no preemption sync manager (not started through jax.distributed)
-                return False
-        return self.requested
-
-    def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def total_steps(cfg: TrainConfig, n_records: int) -> int:
