@@ -20,7 +20,7 @@ from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.cli import main as cli_main
 from vipllava_jax.testing import make_tiny_checkpoint
 from vipllava_jax.testing import make_tiny_processor
-from test_parity import rel_err
+from vipllava_jax.testing import rel_err
 from vipllava_jax.training import TrainConfig, train
 from vipllava_jax.training import preemption
 from vipllava_jax.training import trainer as trainer_lib

@@ -36,21 +36,24 @@ def find_preset(name: str | os.PathLike) -> VipLlavaConfig | None:
 
 
 def get_config(name_or_path: str | os.PathLike | VipLlavaConfig) -> VipLlavaConfig:
-    """A `VipLlavaConfig` as it is, a preset name (7b, 13b, tiny; before any path of that name), or a config.json
-    path. A model directory (HF or orbax) is refused, naming `vipllava_jax.checkpoints.load_config`, which reads
-    one (checkpoints sit above this layer; the ``plan`` command calls it for a directory)."""
+    """A `VipLlavaConfig` as it is, a preset name (7b, 13b, tiny; before any path of that name), a config.json
+    path, or a model directory's config.json (HF and orbax directories both hold one). Errors name the file; the
+    ``plan`` command reads directories with `vipllava_jax.checkpoints.load_config`, whose errors are
+    `CheckpointError`s."""
     if isinstance(name_or_path, VipLlavaConfig):
         return name_or_path
     preset = find_preset(name_or_path)
     if preset is not None:
         return preset
     p = Path(name_or_path)
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
     if p.is_file():
-        with open(p) as f:
-            return VipLlavaConfig.from_hf(json.load(f))
-    if p.is_dir():
-        raise ValueError(f"{name_or_path} is a model directory: read its config with "
-                         f"vipllava_jax.checkpoints.load_config and pass the VipLlavaConfig")
+        try:
+            with open(p) as f:
+                return VipLlavaConfig.from_hf(json.load(f))
+        except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{p}: {e}") from None
     raise ValueError(f"Unknown config {name_or_path!r}: give one of {', '.join(PRESETS)} or a model directory / "
                      f"config.json")
 
