@@ -28,8 +28,9 @@ ROOT = "vipllava_jax"
 RANK = {"models": 0, "data": 0, "parallel": 1, "checkpoints": 2, "generation": 3, "training": 3, "evals": 4,
         "testing": 4, "cli": 5}
 # Imported inside functions on purpose: optional (torch, huggingface_hub: hub downloads) or heavy to import and
-# needed on one path only (transformers, tokenizers: a checkpoint's tokenizer, the tiny test processor).
-LAZY_OK = {"torch", "transformers", "tokenizers", "huggingface_hub"}
+# needed on one path only (transformers, tokenizers: a checkpoint's tokenizer, the tiny test processor;
+# tensorboardX, which imports torch: a training run's events).
+LAZY_OK = {"torch", "transformers", "tokenizers", "huggingface_hub", "tensorboardX"}
 
 
 def _module_name(path: Path) -> str:

@@ -9,9 +9,15 @@ import time
 from pathlib import Path
 
 import jax
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.record_writer import masked_crc32c
-from tensorboardX.summary import scalar as scalar_summary
+
+
+def _tensorboardx():
+    """tensorboardX's protos and helpers, imported on first use: tensorboardX imports torch (about a second),
+    which no other command than a training run needs."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.record_writer import masked_crc32c
+    from tensorboardX.summary import scalar
+    return Event, SessionLog, masked_crc32c, scalar
 
 
 class EventFile:
@@ -22,6 +28,7 @@ class EventFile:
     ``close`` always releases the file."""
 
     def __init__(self, directory: Path, first_step: int):
+        Event, SessionLog, self._crc, _ = _tensorboardx()
         directory.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{time.time_ns() % 10**9}"
         self._f = open(directory / name, "ab")
@@ -30,10 +37,12 @@ class EventFile:
         self.write(Event(wall_time=time.time(), step=first_step, session_log=SessionLog(status=SessionLog.START)))
         self.flush()
 
-    def write(self, event: Event) -> None:
+    def write(self, event) -> None:
+        """event: a tensorboardX ``Event`` proto."""
         data = event.SerializeToString()
         head = struct.pack("<Q", len(data))
-        self._f.write(head + struct.pack("<I", masked_crc32c(head)) + data + struct.pack("<I", masked_crc32c(data)))
+        crc = self._crc
+        self._f.write(head + struct.pack("<I", crc(head)) + data + struct.pack("<I", crc(data)))
 
     def flush(self) -> None:
         self._f.flush()
@@ -62,6 +71,7 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        Event, _, _, scalar_summary = _tensorboardx()
         now = time.time()
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):
