@@ -11,7 +11,8 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.torch import load_file, save_file
 
-from vipllava_jax import load_pretrained, save_hf, save_orbax
+from vipllava_jax import load_pretrained
+from vipllava_jax.checkpoints import save_hf, save_orbax
 from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.checkpoints import CheckpointError
 from vipllava_jax.testing import make_tiny_checkpoint

@@ -3,6 +3,7 @@ the output directory is the old checkpoint or the new one, whole), nothing the r
 --to-hf honours --overwrite, and a full disk is one clear line with the previous output kept."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,11 +148,19 @@ STAGES = {"during the orbax write": "old", "before swap": "old", "after swap": "
           "fallback after both renames": "new"}
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_overwrite_killed_at_each_step_of_the_swap(src, tmp_path, stage):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def float32_out(src, tmp_path_factory):
+    """`convert SRC OUT --dtype float32`, once: each kill test overwrites a copy of it."""
+    out = tmp_path_factory.mktemp("atomic_f32") / "out"
     p = convert(src, out, "--dtype", "float32")
     assert p.wait(timeout=300) == 0, p.stdout.read()
+    return out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_overwrite_killed_at_each_step_of_the_swap(src, float32_out, tmp_path, stage):
+    out = tmp_path / "out"
+    shutil.copytree(float32_out, out)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, stage, str(src), str(out), "--dtype", "bfloat16",
                         "--overwrite"], env=env, capture_output=True, text=True, timeout=300)

@@ -10,11 +10,11 @@ import pytest
 SCRIPT = textwrap.dedent(r'''
     import json, math, os, struct, sys
     import numpy as np
-    from vipllava_jax import VipLlavaConfig, VipLlavaForConditionalGeneration
+    from vipllava_jax.models import VipLlavaConfig, VipLlavaForConditionalGeneration
     from vipllava_jax.checkpoints import load_hf_params
     from vipllava_jax.checkpoints.hf_table import INVERSE, export_key, hf_key_for
     from vipllava_jax.models.params import abstract_params, flat_paths
-    from vipllava_jax import CLIPVisionConfig, LlamaConfig
+    from vipllava_jax.models import CLIPVisionConfig, LlamaConfig
 
     mode, d = sys.argv[1], sys.argv[2]
     cfg = VipLlavaConfig(

@@ -30,11 +30,11 @@ import train_demo  # noqa: E402
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The demo recipe run end to end, shortened: 64 scenes, two rounds of 3 steps of 8 rows, 20 held-out
-    scenes."""
+    scenes; one length bucket, so each round compiles its step once."""
     work = tmp_path_factory.mktemp("demo_recipe")
     assert train_demo.main(["--work", str(work), "--n-train", "64", "--n-eval", "20", "--rounds", "2",
                             "--set", "max_steps=3", "--set", "batch_size=8", "--set", "progress=false",
-                            "--set", "log_every=1"]) == 0
+                            "--set", "log_every=1", "--set", "length_buckets=[112]"]) == 0
     hf = work / "run2" / "hf"
     module, params = load_pretrained(hf, jnp.float32, progress=False)
     return work, hf, module, params, Processor.from_pretrained(hf)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig as HFConfig, VipLlavaForConditionalGeneration
 
-from vipllava_jax import Runtime, VipLlavaConfig, VipLlavaForConditionalGeneration as Ours
+from vipllava_jax.models import Runtime, VipLlavaConfig, VipLlavaForConditionalGeneration as Ours
 from vipllava_jax.models.params import abstract_params, flat_paths
 
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -63,7 +63,8 @@ def main():
     assert distributed.initialize_from_args(args), "expected a multi-process run"
 
     from vipllava_jax import load_pretrained
-    from vipllava_jax import make_mesh, sharded_forward, sharded_generate
+    from vipllava_jax import make_mesh, sharded_generate
+    from vipllava_jax.parallel import sharded_forward
 
     pid = jax.process_index()
     info = {"process_index": pid, "process_count": jax.process_count(), "device_count": jax.device_count(),
@@ -85,7 +86,7 @@ def main():
         results[f"{spec}|safetensors|tokens"] = np.asarray(toks)
         if spec == MESHES[-1]:  # both processes write one orbax checkpoint of the params sharded across them
             from jax.experimental import multihost_utils
-            from vipllava_jax import save_orbax
+            from vipllava_jax.checkpoints import save_orbax
             save_orbax(params, module.config, Path(args.out) / "saved_by_two")
             multihost_utils.sync_global_devices("saved")
         module, params = load_pretrained(args.orbax, mesh=mesh)

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from vipllava_jax import load_pretrained, save_orbax
+from vipllava_jax import load_pretrained
+from vipllava_jax.checkpoints import save_orbax
 from vipllava_jax.generation import generate
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
 from vipllava_jax.testing.parity import rel_err

@@ -43,12 +43,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from vipllava_jax import load_pretrained, save_orbax  # noqa: E402
+from vipllava_jax import load_pretrained  # noqa: E402
+from vipllava_jax.checkpoints import save_orbax  # noqa: E402
 from vipllava_jax.models.params import flat_paths  # noqa: E402
 from vipllava_jax.models import KVCache  # noqa: E402
 from vipllava_jax.models import PRESETS
 from vipllava_jax.parallel import plan_memory  # noqa: E402
-from vipllava_jax import make_mesh, sharded_forward, sharded_generate  # noqa: E402
+from vipllava_jax import make_mesh, sharded_generate  # noqa: E402
+from vipllava_jax.parallel import sharded_forward  # noqa: E402
 from vipllava_jax.parallel import cache_shardings, logical_spec, param_logical_axes, parse_mesh_spec  # noqa: E402
 from vipllava_jax.generation import generate  # noqa: E402
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint  # noqa: E402
@@ -359,7 +361,7 @@ def test_train_step_on_a_mesh(loaded, reference):
 def test_activation_estimate_is_near_xla():
     """The plan's activation estimate vs XLA's own temp-buffer size for the compiled, sharded prefill of a
     mid-sized config where activations dominate (within 2x either way; it is an estimate)."""
-    from vipllava_jax import VipLlavaForConditionalGeneration
+    from vipllava_jax.models import VipLlavaForConditionalGeneration
     from vipllava_jax.models.params import abstract_param_tree
     from vipllava_jax.parallel import io_sharding, jit_sharded, param_shardings
     cfg = PRESETS["tiny"]
@@ -398,7 +400,7 @@ def test_plan_cli_and_presets(capsys):
 
 
 def test_tiny_preset_is_the_test_checkpoint_config():
-    from vipllava_jax import VipLlavaConfig
+    from vipllava_jax.models import VipLlavaConfig
     from vipllava_jax.testing import tiny_hf_config
     assert VipLlavaConfig.from_hf(tiny_hf_config().to_dict()) == PRESETS["tiny"]
 
