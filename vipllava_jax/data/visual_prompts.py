@@ -237,37 +237,38 @@ def _line_width(m: _Marker, size) -> int:
     return int(m.width)
 
 
+def _numbers(m: _Marker, values, form: str, name: str, lead: str, size) -> tuple[float, ...]:
+    """`values` as len(form) floats, in pixels: normalized markers' values must lie in [0, 1] and are scaled by
+    the image's (w, h) per axis. form: "xy" or "xyxy" (the axis of each value); name: what they are ("point",
+    "box"); lead: the errors' words before the expected shape ("point must be", "a box is")."""
+    shape = "(x, y)" if form == "xy" else "(x0, y0, x1, y1)"
+    try:
+        vals = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{m.kind}: {lead} {shape} numbers, got {values!r}") from None
+    if len(vals) != len(form):
+        raise ValueError(f"{m.kind}: {lead} {shape}, got {len(vals)} numbers")
+    if m.normalized:
+        if not all(0.0 <= v <= 1.0 for v in vals):
+            raise ValueError(f"{m.kind}: normalized {name} {vals} must lie in [0, 1]")
+        w, h = size
+        return tuple(v * (w if axis == "x" else h) for v, axis in zip(vals, form))
+    return vals
+
+
 def _xy(m: _Marker, p, size, what: str) -> tuple[float, float]:
     """One (x, y) in pixels, checked to lie on the image."""
-    try:
-        p = tuple(float(v) for v in p)
-    except (TypeError, ValueError):
-        raise ValueError(f"{m.kind}: {what} must be (x, y) numbers, got {p!r}") from None
-    if len(p) != 2:
-        raise ValueError(f"{m.kind}: {what} must be (x, y), got {len(p)} numbers")
+    p = _numbers(m, p, "xy", what, f"{what} must be", size)
     w, h = size
-    if m.normalized:
-        if not all(0.0 <= v <= 1.0 for v in p):
-            raise ValueError(f"{m.kind}: normalized {what} {p} must lie in [0, 1]")
-        return p[0] * w, p[1] * h
-    if not (0 <= p[0] <= w and 0 <= p[1] <= h):
+    if not m.normalized and not (0 <= p[0] <= w and 0 <= p[1] <= h):
         raise ValueError(f"{m.kind}: {what} {p} is outside the {w}x{h} image")
     return p
 
 
 def _box(m: _Marker, box, size) -> tuple[float, float, float, float]:
-    try:
-        box = tuple(float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"{m.kind}: a box is (x0, y0, x1, y1) numbers, got {box!r}") from None
-    if len(box) != 4:
-        raise ValueError(f"{m.kind}: a box is (x0, y0, x1, y1), got {len(box)} numbers")
+    box = _numbers(m, box, "xyxy", "box", "a box is", size)
     w, h = size
-    if m.normalized:
-        if not all(0.0 <= v <= 1.0 for v in box):
-            raise ValueError(f"{m.kind}: normalized box {box} must lie in [0, 1]")
-        box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
-    elif not (0 <= box[0] <= w and 0 <= box[2] <= w and 0 <= box[1] <= h and 0 <= box[3] <= h):
+    if not m.normalized and not (0 <= box[0] <= w and 0 <= box[2] <= w and 0 <= box[1] <= h and 0 <= box[3] <= h):
         raise ValueError(f"{m.kind}: box {box} is outside the {w}x{h} image")
     if box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"{m.kind}: box {box} needs x1 > x0 and y1 > y0")
