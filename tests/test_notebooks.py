@@ -40,7 +40,8 @@ FINETUNE_SLOW = {"n_train": 600, "n_eval": 60, "steps": 150}
 
 
 @pytest.mark.skipif(not shipped_model_available(), reason="no trained demo model is shipped")
-@pytest.mark.parametrize("settings", [FINETUNE_FAST, pytest.param(FINETUNE_SLOW, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("settings", [pytest.param(FINETUNE_FAST, marks=pytest.mark.long),
+                                      pytest.param(FINETUNE_SLOW, marks=pytest.mark.slow)],
                          ids=["fast", "slow"])
 def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypatch, settings):
     """notebooks/finetune_visual_prompts.ipynb top to bottom on fewer scenes and steps: the shipped demo model,
@@ -49,6 +50,7 @@ def test_finetune_notebook_runs_and_teaches_the_new_question(tmp_path, monkeypat
     import re
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel trains for many steps: XLA's default -O2
     nb = nbformat.read(FINETUNE_NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"

@@ -27,6 +27,10 @@ import make_demo_model  # noqa: E402
 import train_demo  # noqa: E402
 
 
+# The tests of the shortened recipe share one run: on one xdist worker (--dist loadgroup), so it runs once.
+RECIPE_GROUP = pytest.mark.xdist_group("demo_recipe")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The demo recipe run end to end, shortened: 64 scenes, two rounds of 3 steps of 8 rows, 20 held-out
@@ -40,6 +44,7 @@ def trained(tmp_path_factory):
     return work, hf, module, params, Processor.from_pretrained(hf)
 
 
+@RECIPE_GROUP
 def test_recipe_summary_and_data(trained):
     work, hf, *_ = trained
     s = json.loads((work / "summary.json").read_text())
@@ -65,6 +70,7 @@ def test_recipe_summary_and_data(trained):
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
 
 
+@RECIPE_GROUP
 def test_recipe_model_is_an_hf_directory_transformers_runs_the_same(trained):
     """The recipe's output is a VipLlava that transformers loads; its processor gives our processor's inputs and
     its logits are ours."""
@@ -87,6 +93,7 @@ def test_recipe_model_is_an_hf_directory_transformers_runs_the_same(trained):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@RECIPE_GROUP
 def test_demo_command_end_to_end(trained, tmp_path, capsys):
     """`vipllava-jax demo --model`: the seeded scene saved as drawn, its question, the answer, the right answer
     beside it, and the held-out accuracy that `heldout_accuracy` measures, against chance."""
@@ -108,6 +115,7 @@ def test_demo_command_end_to_end(trained, tmp_path, capsys):
     assert len(out.strip().splitlines()) <= 8
 
 
+@RECIPE_GROUP
 def test_demo_answer_is_the_greedy_answer(trained):
     """The streamed demo answer is the model's greedy answer, scored against the scene's truth."""
     _, _, module, params, proc = trained
@@ -153,7 +161,7 @@ def test_shipped_demo_model(tmp_path, capsys):
     assert float(acc.group(2)) / 100 >= 0.90 and syn.chance_accuracy() <= 0.35  # the issue's bar
 
 
-def _reduced_recipe(tmp_path, steps: int) -> dict:
+def _reduced_recipe(run_python, tmp_path, steps: int) -> dict:
     """train/train_demo.py from scratch (the demo model, train/configs/demo.yaml) for `steps` steps of 16 rows on
     3000 scenes whose own question asks the colour of the object in a rectangle (the data recipe's other
     questions and the marked shape list as in the full recipe), scored on 100 held-out colour scenes. The answer
@@ -163,7 +171,8 @@ def _reduced_recipe(tmp_path, steps: int) -> dict:
     args = ["--work", str(work), "--n-train", "3000", "--n-eval", "100", "--question-types", "color",
             "--marker-kinds", "rectangle", "--set", f"max_steps={steps}", "--set", "batch_size=16",
             "--set", "progress=false"]
-    assert train_demo.main(args) == 0
+    r = run_python([ROOT / "train" / "train_demo.py", *args], full_opt=True, timeout=1800)  # many steps: -O2
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((work / "summary.json").read_text())
     assert s["question_types"] == ["color"] and s["marker_kinds"] == ["rectangle"] and s["n"] == 100
     assert s["config"]["max_steps"] == steps and s["chance"] == pytest.approx(1 / 6)
@@ -175,19 +184,20 @@ def _reduced_recipe(tmp_path, steps: int) -> dict:
     return s
 
 
-def test_reduced_recipe_learns_to_read_the_marker_fast(tmp_path):
+@pytest.mark.long
+def test_reduced_recipe_learns_to_read_the_marker_fast(run_python, tmp_path):
     """The fast twin of the slow test below: 250 steps. Held-out colour accuracy rises from the random model's
     (about chance, 1/6) to above 2x chance. Measured on a 2-core CPU (2026-12-06): 54% on these 100 scenes."""
-    s = _reduced_recipe(tmp_path, 250)
+    s = _reduced_recipe(run_python, tmp_path, 250)
     assert s["accuracy"] >= 0.4, s  # > 2x chance
 
 
 @pytest.mark.slow
-def test_reduced_recipe_learns_to_read_the_marker(tmp_path):
+def test_reduced_recipe_learns_to_read_the_marker(run_python, tmp_path):
     """800 steps: measured on a 2-core CPU (2026-12-03, Muon as in demo.yaml): 99% on these 100 held-out scenes,
     170 s (57% with AdamW alone). The full recipe (the slow test below, 14 minutes) made the shipped model
     (90.5%)."""
-    s = _reduced_recipe(tmp_path, 800)
+    s = _reduced_recipe(run_python, tmp_path, 800)
     assert s["accuracy"] >= 0.9, s
 
 
@@ -207,10 +217,12 @@ def test_reduced_task_is_named_and_never_installed(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_full_recipe_retrains_the_shipped_accuracy(tmp_path):
+def test_full_recipe_retrains_the_shipped_accuracy(run_python, tmp_path):
     """python train/train_demo.py as documented (train/configs/demo.yaml from scratch, the shipped model's
-    recipe): at least 90%, what the shipped model has. About 14 minutes on a 2-core CPU."""
-    assert train_demo.main(["--work", str(tmp_path)]) == 0
+    recipe, XLA's default optimization): at least 90%, what the shipped model has. About 14 minutes on a 2-core
+    CPU."""
+    r = run_python([ROOT / "train" / "train_demo.py", "--work", tmp_path], full_opt=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["n"] == 200 and s["rounds"] == 1 and s["config"]["optimizer"] == "muon"
     assert s["accuracy"] >= 0.90 and s["accuracy"] >= SHIPPED_ACCURACY - 0.01

@@ -26,6 +26,8 @@ from vipllava_jax.training import preemption
 from vipllava_jax.training import trainer as trainer_lib
 
 REPO = Path(__file__).resolve().parents[2]
+# The module's runs (env, full_run, mesh8_run) are shared by many tests: one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("train_run")
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
