@@ -1,5 +1,5 @@
-"""Shared fixtures: the tiny random checkpoint and its processor, the tiny model loaded once, the shipped demo model
-loaded once, and a runner for Python in a fresh process with N CPU devices.
+"""Shared fixtures: the tiny random checkpoint and its processor, the tiny model loaded once, and a runner for Python
+in a fresh process with N CPU devices.
 
 Session-scoped fixtures are built once per test process (once per xdist worker). Tests must not write into the
 directories they return: copy first (`shutil.copytree(tiny_hf, tmp_path / "m")`).
@@ -53,21 +53,6 @@ def tiny_model(tiny_hf):
     """(module, params) of the tiny checkpoint, fp32, loaded once."""
     from vipllava_jax import load_pretrained
     return load_pretrained(tiny_hf, progress=False)
-
-
-@pytest.fixture(scope="session")
-def demo_model():
-    """(module, params, processor) of the shipped demo model, fp32, loaded once; skips where none is shipped."""
-    import jax.numpy as jnp
-
-    from vipllava_jax import load_pretrained
-    from vipllava_jax.data import Processor
-    from vipllava_jax.evals.demo import demo_model_path, shipped_model_available
-    if not shipped_model_available():
-        pytest.skip("no trained demo model is shipped")
-    path = demo_model_path()
-    module, params = load_pretrained(path, jnp.float32, progress=False)
-    return module, params, Processor.from_pretrained(path)
 
 
 def subprocess_env(devices: int | None = None, *, full_opt: bool = False, **extra) -> dict:

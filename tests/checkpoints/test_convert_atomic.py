@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 
 from vipllava_jax import load_pretrained
-from vipllava_jax.testing import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    d = tmp_path_factory.mktemp("atomic_src")
-    make_tiny_checkpoint(d)
-    return d
+def src(tiny_hf):
+    """The shared tiny checkpoint (tests/conftest.py): every conversion reads it, none writes into it."""
+    return tiny_hf
 
 
 def convert(*args) -> subprocess.Popen:

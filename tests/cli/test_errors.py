@@ -21,7 +21,6 @@ from vipllava_jax.generation import generate
 from vipllava_jax.checkpoints import CheckpointError
 from vipllava_jax.data import ImageConfig, Processor
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
-from vipllava_jax.testing import make_tiny_processor
 from vipllava_jax.data import visual_prompts as vp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,16 +28,14 @@ VOCAB = 128
 
 
 @pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-    d = tmp_path_factory.mktemp("errors") / "hf"
-    make_tiny_checkpoint(d)
-    make_tiny_processor(d, image_seq_length=25, image_size=30)
-    return d
+def hf(tiny_hf):
+    """The shared tiny checkpoint with its processor (tests/conftest.py); tests change copies (`copy_model`)."""
+    return tiny_hf
 
 
 @pytest.fixture(scope="module")
-def model(hf):
-    return load_pretrained(hf, progress=False)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

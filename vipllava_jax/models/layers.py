@@ -5,7 +5,6 @@ K kv heads, G query heads per kv head (N = K * G), H head dim, D model dim.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax

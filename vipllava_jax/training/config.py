@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import yaml
 
