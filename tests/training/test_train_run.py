@@ -274,6 +274,8 @@ def test_eight_devices_fsdp_tensor_match_one_device(full_run, mesh8_run):
     _close(eight, one, one)
 
 
+@pytest.mark.slow  # ~35 s; fast twins: test_eight_devices_fsdp_tensor_match_one_device (the same mesh's losses in one
+# process) and test_stopped_run_resumes_bitwise (a stop at a step saves and resumes bitwise)
 def test_two_processes_match_one_process_and_resume_in_one(env, full_run, mesh8_run, tmp_path):
     """Two processes (jax.distributed + gloo, 4 CPU devices each, one global fsdp=4 x tensor=2 mesh), each
     reading its own rows: the losses equal the one-process 8-device run's. SIGTERM to process 0 stops both at
@@ -369,6 +371,8 @@ def _wait_for_step(proc, run_dir, step, timeout=300):
     raise AssertionError("timed out waiting for the run")
 
 
+@pytest.mark.slow  # ~25 s; fast twin: test_stopped_run_resumes_bitwise (the same stop, save and bitwise resume,
+# in process through the preemption check)
 def test_sigterm_saves_exits_zero_and_resumes_bitwise(env, full_run, tmp_path):
     """SIGTERM (preemption) in the middle of a run from the CLI: it finishes the step, saves, says where it
     stopped, exits 0; the same command again completes it, bitwise equal to the uninterrupted run."""
