@@ -6,8 +6,9 @@ word-level BPE tokenizer trained on the synthetic task's words.
 
 OUT_DIR gets config.json + model.safetensors (transformers' `VipLlavaForConditionalGeneration(config)`, HF's
 own init, seeded), tokenizer.json / tokenizer_config.json, processor_config.json / preprocessor_config.json and
-chat_template.jinja: what `vipllava_jax.data.Processor.from_pretrained`, `vipllava_jax.load_pretrained`
-and transformers' `AutoProcessor` / `VipLlavaForConditionalGeneration.from_pretrained` read. `vipllava-jax train
+chat_template.jinja (the demo's llava_v1 prompt with no system text, `data.prompts.llava_chat_template`): what
+`vipllava_jax.data.Processor.from_pretrained`, `vipllava_jax.load_pretrained` and transformers' `AutoProcessor` /
+`VipLlavaForConditionalGeneration.from_pretrained` read. `vipllava-jax train
 --stage all` then trains it from scratch (train/train_demo.py runs the whole recipe).
 
 The model (`DEMO_MODEL`): 96 px images, 24 px patches (16 image tokens: the 4 x 4 grid that
@@ -111,12 +112,18 @@ def build_tokenizer(vocab_size: int = DEMO_MODEL["vocab_size"]):
 def write_processor(out_dir, *, image_size: int = DEMO_MODEL["image_size"],
                     patch_size: int = DEMO_MODEL["patch_size"], vocab_size: int = DEMO_MODEL["vocab_size"]) -> dict:
     """Write the tokenizer and processor files (as `vipllava_jax.testing.make_tiny_processor` does, with
-    the demo's BPE tokenizer). Returns the token ids."""
+    the demo's BPE tokenizer) and chat_template.jinja: the prompt format the demo trains with (llava_v1, no
+    system prompt: train/configs/demo.yaml, `evals.demo.DEMO_TEMPLATE` / `DEMO_SYSTEM_PROMPT`). Returns the
+    token ids."""
+    from vipllava_jax.data.prompts import llava_chat_template
+    from vipllava_jax.evals.demo import DEMO_SYSTEM_PROMPT, DEMO_TEMPLATE
     from vipllava_jax.testing.tiny_tokenizer import save_processor
 
     tok = build_tokenizer(vocab_size)
     save_processor(out_dir, tok, image_size=image_size, patch_size=patch_size,
                    model_max_length=DEMO_MODEL["max_position_embeddings"])
+    (Path(out_dir) / "chat_template.jinja").write_text(llava_chat_template(DEMO_TEMPLATE, DEMO_SYSTEM_PROMPT),
+                                                       encoding="utf-8")
     return {"image_token_id": IMAGE_ID, "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
             "vocab_size": tok.get_vocab_size()}
 

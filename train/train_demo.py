@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     from make_demo_model import make_demo_model
     from vipllava_jax.evals import demo
     from vipllava_jax.evals.demo import SHIPPED_MODEL_DIR
+    from vipllava_jax.data.prompts import llava_chat_template
     from vipllava_jax.data.synthetic import MARKER_KINDS, QUESTION_TYPES
     from vipllava_jax.training import TrainConfig, train
     from vipllava_jax.training.config import read_config_file
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
         hf = work / run_name(r) / "hf"
         if not hf.is_dir():
             train(cfg)
+        # its chat template renders the prompt it was trained with (cfg.template, cfg.system_prompt)
+        (hf / "chat_template.jinja").write_text(llava_chat_template(cfg.template, cfg.system_prompt),
+                                                encoding="utf-8")
         start = hf
     times["train_s"] = time.perf_counter() - t0
     print(f"trained in {times['train_s']:.0f} s: {hf}", flush=True)

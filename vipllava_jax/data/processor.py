@@ -16,6 +16,9 @@ VipLlava checkpoints (llava-hf/vip-llava-7b-hf, -13b-hf) use transformers' `Llav
 - `Processor.from_pretrained(model_dir)(texts, images)`: numpy `input_ids` / `attention_mask` (int32, left
   padded) and `pixel_values` [num_images, 3, H, W] float32, with ids equal to
   `AutoProcessor.from_pretrained(model_dir)(text=..., images=..., padding=True)` with left padding.
+- `Processor.apply_chat_template(messages, ...)`: HF-style chat messages -> the prompt (the checkpoint's own
+  jinja template, rendered as transformers renders it) or, with `tokenize=True`, the model inputs; see
+  `chat.py` for the message form, image parts and visual prompts.
 
 The image parity target is the processor `AutoProcessor` builds. In transformers 5 that is the torchvision
 ("fast") `CLIPImageProcessor` when torchvision is installed and the PIL backend (`CLIPImageProcessorPil`)
@@ -26,13 +29,16 @@ not installed).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from . import chat
+from . import visual_prompts as vp
 from .clip import PROCESSOR_CONFIG, ImageConfig, preprocess_images, read_json
-from .prompts import IMAGE_TOKEN
+from .prompts import IMAGE_TOKEN, VIPLLAVA_CHAT_TEMPLATE
 
 __all__ = ["Processor"]
 
@@ -62,7 +68,8 @@ class Processor:
     def __init__(self, tokenizer, image_config: ImageConfig | None = None, *, image_seq_length: int | None = None,
                  patch_size: int | None = None, num_additional_image_tokens: int = 0,
                  vision_feature_select_strategy: str | None = None, image_token: str = IMAGE_TOKEN,
-                 max_length: int | None = None, pad_to_square: bool = False):
+                 max_length: int | None = None, pad_to_square: bool = False,
+                 chat_template: str | dict[str, str] | None = None):
         """image_seq_length: fixed image tokens per image; or give patch_size (+ num_additional_image_tokens,
         vision_feature_select_strategy) to count them like HF from the pixel size:
         (H // p) * (W // p) + num_additional_image_tokens - (1 if strategy == "default")."""
@@ -82,6 +89,7 @@ class Processor:
         self._fixed_seq_length = image_seq_length
         self.max_length = max_length
         self.pad_to_square = pad_to_square
+        self.chat_template = chat_template  # a template string, {name: template}, or None (see apply_chat_template)
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -94,6 +102,9 @@ class Processor:
         (image_size // patch_size)**2 of its vision_config); `image_seq_length=` overrides both. The count is
         checked against config.json's vision tower when it is there.
         max_length: longest allowed prompt in tokens; None = config.json's max_position_embeddings, if any.
+        The chat template is the checkpoint's own, found as transformers' processor finds it
+        (`chat.read_chat_template`: processor_config.json, chat_template.json, chat_template.jinja, then
+        tokenizer_config.json).
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -132,8 +143,9 @@ class Processor:
             raise ValueError(f"Cannot tell how many tokens an image takes for {model_dir}: no patch_size in "
                              f"{PROCESSOR_CONFIG}, no image_seq_length or vision_config in config.json; pass "
                              "image_seq_length=")
+        template, _ = chat.read_chat_template(model_dir)
         self = cls(tokenizer, image_config, image_token=proc.get("image_token") or IMAGE_TOKEN,
-                   max_length=max_length, pad_to_square=pad_to_square, **kw)
+                   max_length=max_length, pad_to_square=pad_to_square, chat_template=template, **kw)
 
         # The model must see as many <image> tokens as its vision tower gives features.
         if vision_cfg.get("image_size") and vision_cfg.get("patch_size") and image_config.do_center_crop:
@@ -183,10 +195,11 @@ class Processor:
         return preprocess_images(_flatten_images(images), self.image_config, pad_to_square=pts)
 
     def __call__(self, texts: str | Sequence[str], images=None, *, max_length: int | None = None,
-                 pad_to_square: bool | None = None) -> dict[str, np.ndarray]:
+                 pad_to_square: bool | None = None, add_special_tokens: bool = True) -> dict[str, np.ndarray]:
         """texts: one prompt or a batch; each `<image>` in them takes the next image.
         images: None, one image, or a list (nested lists per prompt are flattened), anything `load_image`
           takes. max_length / pad_to_square override the processor's settings for this call.
+        add_special_tokens: False for texts that already start with the bos token (no second one).
         Raises ValueError when placeholders and images differ in number or a prompt is longer than max_length.
         """
         if isinstance(texts, str):
@@ -214,7 +227,7 @@ class Processor:
         for t in texts:
             parts = t.split(self.image_token)
             expanded.append(parts[0] + "".join(next(it) + p for p in parts[1:]))
-        ids = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
 
         for i, (row, t) in enumerate(zip(ids, expanded)):
             want = t.count(self.image_token)
@@ -240,6 +253,89 @@ class Processor:
                 input_ids[i, longest - len(row):] = row
                 attention_mask[i, longest - len(row):] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+    # -- chat messages ---------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, chat_template: str | None = None, **kwargs):
+        """Chat messages -> the prompt string, or with `tokenize=True` the model inputs, like transformers'
+        `ProcessorMixin.apply_chat_template` (see `chat.py` for the message form).
+
+        messages: one conversation, a list of {"role", "content"} dicts (content a list of text / image parts,
+          or a plain string: made one text part first), or a list of conversations (a batch).
+        chat_template: a template string, or the name of one of the checkpoint's named templates; None: the
+          checkpoint's own. A checkpoint without one gets llava-hf's VipLlava template (`###Human: ...`), with
+          a warning.
+        kwargs: template variables (`tools`, `documents`, anything the template reads), rendered with the
+          tokenizer's special tokens (`bos_token`, `eos_token`, ...). For `tokenize=True` also
+          `processor_kwargs={"max_length": ..., "pad_to_square": ...}` (or those two as keyword arguments the
+          template does not read) and `return_tensors` (None or "np").
+
+        Returns:
+          tokenize=False: the prompt (a list of prompts for a batch).
+          tokenize=True, return_dict=True: this processor's output for the prompt(s) and the images of the
+            image parts in order (visual prompts drawn first): numpy `input_ids`, `attention_mask` [B, L] int32
+            (left padded) and `pixel_values` [num_images, 3, H, W] float32, every `<image>` expanded.
+          tokenize=True, return_dict=False: the input ids as HF returns them, a list of token-id lists (one per
+            conversation, unpadded); with return_tensors="np" the padded [B, L] array.
+        As HF, no second bos token is added to a prompt the template already starts with it.
+        """
+        for flag in ("continue_final_message", "return_assistant_tokens_mask", "sanitize_control_tokens"):
+            if kwargs.pop(flag, False):
+                raise NotImplementedError(f"apply_chat_template: {flag} is not supported here")
+        tools, documents = kwargs.pop("tools", None), kwargs.pop("documents", None)
+        return_tensors = kwargs.pop("return_tensors", None)
+        if return_tensors not in (None, "auto", "np"):
+            raise ValueError(f"return_tensors must be None or 'np' (numpy), got {return_tensors!r}")
+        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+
+        template = chat.select_template(self.chat_template, chat_template)
+        if template is None:
+            warnings.warn("This checkpoint has no chat template (chat_template.jinja, chat_template.json, or a "
+                          "chat_template key in processor_config.json / tokenizer_config.json): using llava-hf's "
+                          "VipLlava template ('###Human: <image>\\n...###Assistant:'); pass chat_template= to "
+                          "choose another", UserWarning, stacklevel=2)
+            template = VIPLLAVA_CHAT_TEMPLATE
+        used = chat.template_variables(template)
+        for k in ("max_length", "pad_to_square"):
+            if k in kwargs and k not in used:
+                processor_kwargs[k] = kwargs.pop(k)
+        unknown = set(processor_kwargs) - {"max_length", "pad_to_square"}
+        if unknown:
+            raise ValueError(f"processor_kwargs takes max_length and pad_to_square, not {sorted(unknown)}")
+
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts (or a "
+                             "list of such lists, a batch)")
+        batched = isinstance(messages[0], (list, tuple))
+        convs = [chat.normalize_conversation(c) for c in (messages if batched else [messages])]
+        parts = [chat.image_parts(c) for c in convs]
+        markers = [chat.markers_of(p) for p in parts]
+        for c, ms in zip(convs, markers):
+            chat.apply_markers(c, [m for per_image in ms for m in per_image])
+        variables = {**(getattr(self.tokenizer, "special_tokens_map", None) or {}), **kwargs}
+        prompts = [chat.render(template, c, add_generation_prompt=add_generation_prompt, tools=tools,
+                               documents=documents, **variables) for c in convs]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+
+        pad = processor_kwargs.get("pad_to_square")
+        pad = self.pad_to_square if pad is None else pad
+        images = []
+        for ps, ms in zip(parts, markers):
+            for part, marks in zip(ps, ms):
+                image = chat.load_part_image(part)
+                if marks:  # drawn on the image as given, before any resize, as the CLI draws them
+                    image = vp.draw_markers(image, marks, warn_crop=not pad,
+                                            crop_size=self.image_config.crop_size["height"])
+                images.append(image)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        out = self(prompts, images or None, add_special_tokens=not (bos and prompts[0].startswith(bos)),
+                   **processor_kwargs)
+        if return_dict:
+            return out
+        if return_tensors == "np":
+            return out["input_ids"]
+        return [row[mask.astype(bool)].tolist() for row, mask in zip(out["input_ids"], out["attention_mask"])]
 
     def decode(self, ids, skip_special_tokens: bool = True, **kw) -> str:
         """Token ids (list or 1-D array) -> text, via the checkpoint's tokenizer."""

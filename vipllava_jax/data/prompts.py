@@ -1,6 +1,8 @@
 """The chat prompt VipLlava expects (`build_prompt`: llava_v0, the HF checkpoints' format, or llava_v1, the
 original training's and ViP-Bench's), the pieces training reads off it (`template_parts`) and the stop strings of
-generation in each template (`stop_for_template`).
+generation in each template (`stop_for_template`); the chat templates (jinja, as transformers renders them):
+`VIPLLAVA_CHAT_TEMPLATE`, llava-hf's, and `llava_chat_template(style, system)`, which renders exactly what
+`build_prompt` builds.
 
 The end of an assistant turn is ``</s>`` (the eos token) for v1, and for v0 the ``###`` separator (original
 ``conv_llava_v0``'s sep; `build_prompt` leaves it off the last answer, for generation, training puts it after
@@ -9,16 +11,44 @@ every answer so the model learns to stop there: stop generation on "###").
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "IMAGE_TOKEN", "TEMPLATES", "V0_SEPARATOR", "TemplateParts", "build_prompt",
-           "check_template", "template_parts", "stop_for_template"]
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "IMAGE_TOKEN", "TEMPLATES", "V0_SEPARATOR", "VIPLLAVA_CHAT_TEMPLATE",
+           "TemplateParts", "build_prompt", "check_template", "llava_chat_template", "template_parts",
+           "stop_for_template"]
 
 TEMPLATES = ("llava_v1", "llava_v0")
 V0_SEPARATOR = "###"  # conv_llava_v0's sep: the end of each v0 turn
 IMAGE_TOKEN = "<image>"
 DEFAULT_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
                          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+# The chat template llava-hf ships with vip-llava-7b-hf / -13b-hf (the "llava_v0" conversation format, no system
+# prompt unless a system message gives one). `Processor.apply_chat_template` falls back to it for a checkpoint
+# without a template of its own.
+VIPLLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ message['content'][0]['text'] }}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '###Human: '}}"
+    "{% else %}"
+    "{{ '###' + message['role'].title() + ': '}}"
+    "{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}"
+    "{% endfor %}"
+    "{# Render all text next #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}"
+    "{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '###Assistant:' }}"
+    "{% endif %}"
+)
 
 
 def build_prompt(turns: Sequence[tuple[str, str | None]] | str, num_images: int | Sequence[int] = 1, *,
@@ -103,3 +133,56 @@ def stop_for_template(template: str) -> tuple[str, ...]:
     """The stop strings of generation in `template`: its end of turn, ("</s>",) for llava_v1, ("###",) for
     llava_v0."""
     return (template_parts(check_template(template)).end_of_turn,)
+
+
+def _jinja_str(s: str) -> str:
+    """`s` as a jinja string literal (jinja unescapes literals like Python's unicode-escape)."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+# The pieces of each style as `build_prompt` writes them (head: what follows the system text).
+_CHAT_PIECES = {
+    "llava_v1": dict(head=" ", user="USER: ", assistant=" ASSISTANT: ", end="</s>", generation=" ASSISTANT:"),
+    "llava_v0": dict(head="", user="###Human: ", assistant="###Assistant: ", end="", generation="###Assistant:"),
+}
+
+
+def llava_chat_template(style: str = "llava_v1", system: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """A jinja chat template (for chat_template.jinja) that renders exactly what `build_prompt` builds.
+
+    Rendered by transformers' (or this package's) `apply_chat_template`, a conversation of alternating user
+    and assistant messages (HF form: content a list of {"type": "image"} / {"type": "text", "text": ...} parts,
+    or a plain string) gives `build_prompt(turns, counts, system=system, style=style)`, with
+    `add_generation_prompt=True` when the last answer is to be generated: each user message's image parts
+    first as `<image>\\n`, then its text parts. A leading system message's text replaces `system`. Any other
+    role, or a system message after the first message, raises an error.
+
+    llava_v1: `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+    llava_v0: `{system}###Human: <image>\\n{q1}###Assistant: {a1}###Human: {q2}###Assistant:`
+    """
+    q = _CHAT_PIECES[check_template(style)]
+
+    def lit(text: str) -> str:
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"  # jinja unescapes literals like Python
+
+    texts = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+             "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}"
+             "{% endfor %}{% endif %}")
+    images = ("{% if message['content'] is not string %}"
+              "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}"
+              "{% endfor %}{% endif %}")
+    return (
+        "{% for message in messages %}"
+        "{% if loop.first %}"
+        "{% if message['role'] == 'system' %}" + texts + "{% else %}" + lit(system) + "{% endif %}"
+        + lit(q["head"]) +
+        "{% endif %}"
+        "{% if message['role'] == 'user' %}" + lit(q["user"]) + images + texts +
+        "{% elif message['role'] == 'assistant' %}" + lit(q["assistant"]) + texts + lit(q["end"]) +
+        "{% elif not (loop.first and message['role'] == 'system') %}"
+        "{{ raise_exception('This chat template takes the roles system (first message only), user and "
+        "assistant, not ' + message['role']) }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}" + lit(q["generation"]) + "{% endif %}"
+    )

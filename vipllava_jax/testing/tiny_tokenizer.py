@@ -13,7 +13,8 @@
   `image_size`, plus `patch_size`, `num_additional_image_tokens=1` and
   `vision_feature_select_strategy="default"`, set like the real llava-hf/vip-llava checkpoints, so HF
   expands each `<image>` to `(image_size // patch_size) ** 2 == image_seq_length` tokens.
-- `chat_template.jinja`: the llava-hf VipLlava chat template (`...###Human: <image>\\n...###Assistant:`).
+- `chat_template.jinja`: the llava-hf VipLlava chat template (`...###Human: <image>\\n...###Assistant:`,
+  `vipllava_jax.data.prompts.VIPLLAVA_CHAT_TEMPLATE`).
 
 Example (the tiny checkpoint of `vipllava_jax.testing`: 30 px images, 6 px patches, vocab 128)::
 
@@ -29,31 +30,9 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["make_tiny_processor", "save_processor", "VIPLLAVA_CHAT_TEMPLATE", "TINY_CHARS"]
+from ..data.prompts import VIPLLAVA_CHAT_TEMPLATE
 
-# The chat template llava-hf uses for vip-llava-7b-hf / -13b-hf (the "llava_v0" conversation format).
-VIPLLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{{ message['content'][0]['text'] }}"
-    "{% elif message['role'] == 'user' %}"
-    "{{ '###Human: '}}"
-    "{% else %}"
-    "{{ '###' + message['role'].title() + ': '}}"
-    "{% endif %}"
-    "{# Render all images first #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}"
-    "{% endfor %}"
-    "{# Render all text next #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] }}"
-    "{% endfor %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "{{ '###Assistant:' }}"
-    "{% endif %}"
-)
+__all__ = ["make_tiny_processor", "save_processor", "TINY_CHARS"]
 
 # Newline, tab and printable ASCII: 97 characters, one token each.
 TINY_CHARS = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
