@@ -6,6 +6,8 @@ K kv heads, H head dim, D model dim, F mlp dim, L layers.
 The KV cache is an explicit pytree (`KVCache`) passed in and returned. All rows
 share one write position (`index`): prompts are left padded so every row ends at
 the same slot, and each row's RoPE position comes from its own `positions`.
+A ring cache (``KVCache.ring``, the serving engine's) wraps that position modulo
+the cache length and attends to every slot its mask marks, in any order.
 """
 from __future__ import annotations
 
@@ -69,12 +71,18 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 @struct.dataclass
 class KVCache:
     """k, v: one [B, S, K, H] array per layer (a tuple), or stacked [L, B, S, K, H] when layers are scanned.
-    mask [B, S]: the slot holds a real token. index: int32 scalar, the next slot to write, shared by all rows."""
+    mask [B, S]: the slot holds a real token. index: int32 scalar, the next slot to write, shared by all rows.
+
+    ring (static, default False): a ring buffer for one token per row per call (T = 1), as the serving engine
+    (`generation.engine`) uses it: the index wraps modulo S, and a query attends to every slot its row's mask
+    marks (not only slots below the index), so a row's tokens may sit anywhere in the ring. RoPE is applied
+    before caching, so the slot order does not matter."""
 
     k: Any
     v: Any
     mask: Array
     index: Array
+    ring: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
@@ -168,6 +176,10 @@ def causal_mask(attention_mask: Array | None, cache: KVCache | None, b: int, t: 
         q_slot = jnp.arange(t)
         return (jnp.arange(t)[None, :] <= q_slot[:, None])[None] & am[:, None, :], None
     slot_mask = jax.lax.dynamic_update_slice(cache.mask, am, (0, cache.index))
+    if cache.ring:
+        if t != 1:
+            raise ValueError(f"a ring KVCache takes one token per row per call, got {t}")
+        return slot_mask[:, None, :], slot_mask
     q_slot = cache.index + jnp.arange(t)
     causal = jnp.arange(cache.max_len)[None, :] <= q_slot[:, None]  # [T, S]
     return causal[None] & slot_mask[:, None, :], slot_mask
@@ -230,7 +242,8 @@ class LlamaModel(nn.Module):
             new_k, new_v = tuple(new_k), tuple(new_v)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=new_k, v=new_v, mask=slot_mask, index=cache.index + t)
+            index = (cache.index + t) % cache.max_len if cache.ring else cache.index + t
+            new_cache = KVCache(k=new_k, v=new_v, mask=slot_mask, index=index, ring=cache.ring)
         hidden_states = None
         if return_hidden_states:
             hidden_states = jnp.concatenate([inputs_embeds.astype(self.dtype)[None], hs], axis=0)

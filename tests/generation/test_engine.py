@@ -1,0 +1,186 @@
+"""The continuous-batching engine (`generation.engine`) on the tiny checkpoint: greedy output of each request equals
+`generate` for that request alone whatever runs beside it, requests join mid-decode and leave at once, no compile
+after warm-up, QueueFull, over-long prompts, stop strings, and a failing request that fails only itself.
+
+Cheap by design (the default suite is at its time limit): one engine (4 slots, 64-token rows, chunk 4, prompt
+buckets 32 and 64) warmed up once per module; reference prompts keep to two of `generate`'s buckets."""
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vipllava_jax.data import Processor
+from vipllava_jax.generation import generate, token_strings
+from vipllava_jax.generation.engine import Engine, EngineStopped, QueueFull, RequestFailed
+from vipllava_jax.testing import TINY_IMAGE_TOKEN
+
+KW = dict(max_batch=4, max_model_len=64, chunk=4, prefill_buckets=(32, 64))
+SEQ = 25  # image tokens per image (the tiny processor's)
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+def make_prompt(rng, n_text: int, image: bool):
+    """BOS, then (with an image) its 25 image tokens, then random text; pixels [1, 3, 30, 30] or None."""
+    text = rng.integers(3, 99, n_text).astype(np.int32)
+    if not image:
+        return np.concatenate([[1], text]).astype(np.int32), None
+    ids = np.concatenate([[1], np.full(SEQ, TINY_IMAGE_TOKEN), text]).astype(np.int32)
+    return ids, rng.standard_normal((1, 3, 30, 30)).astype(np.float32)
+
+
+def reference(model, ids, pix, n):
+    """`generate` for this prompt alone, greedy, without EOS (one `generate` setting: fewer compiles)."""
+    module, params = model
+    return generate(module, params, ids[None], pix, max_new_tokens=n, eos_token_id=[])[0].tolist()
+
+
+def until_eos(tokens, eos):
+    """`generate`'s row as the engine delivers it: up to and including the first EOS."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_hf):
+    return Processor.from_pretrained(tiny_hf)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, processor):
+    """A started, warmed-up engine; `engine.compiles` counts the XLA compiles on the engine thread since then."""
+    module, params = tiny_model
+    eng = Engine(module, params, processor, **KW).start()
+    assert eng.wait_ready(300) and eng.ready and eng.error is None
+    counter = {"n": 0}
+
+    def listener(event, duration, **_):
+        if event == BACKEND_COMPILE and threading.current_thread() is eng._thread:
+            counter["n"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    eng.compiles, eng.programs = counter, eng.compile_count()
+    yield eng
+    jax.monitoring.unregister_event_duration_listener(listener)
+    eng.stop(5)
+    assert not eng._thread.is_alive()
+
+
+def assert_no_compile(engine):
+    assert engine.compiles["n"] == 0, "the engine compiled after warm-up"
+    assert engine.compile_count() == engine.programs
+
+
+def test_greedy_equals_generate_alone_with_staggered_requests(engine, tiny_model, processor):
+    """8 requests of mixed length, image count and max_new_tokens, submitted in three waves while others decode."""
+    rng = np.random.default_rng(0)
+    specs = [(5, False, 12), (2, True, 7), (11, False, 3), (1, True, 14), (8, False, 16), (2, True, 1),
+             (13, False, 9), (1, True, 10)]  # (text tokens, image, max_new_tokens)
+    prompts = [make_prompt(rng, n, img) for n, img, _ in specs]
+    eos = (processor.eos_token_id,)
+    reqs, mid = [], 0
+    for i, ((ids, pix), (_, _, m)) in enumerate(zip(prompts, specs)):
+        if i in (3, 6):  # the next wave joins while earlier requests are mid-decode
+            while not any(r.tokens for r in reqs):
+                time.sleep(0.001)
+            mid += any(r.tokens and not r.done for r in reqs)
+        reqs.append(engine.submit(ids, pix, max_new_tokens=m))
+    for r, (ids, pix), (_, _, m) in zip(reqs, prompts, specs):
+        got = r.result(120)
+        want = until_eos(reference(tiny_model, ids, pix, m), eos)
+        assert got == want, f"request {r.id} ({len(ids)} prompt tokens, {m} new)"
+        assert r.finish_reason == ("stop" if got[-1] in eos else "length")
+        assert r.usage == {"prompt_tokens": len(ids), "completion_tokens": len(got),
+                           "total_tokens": len(ids) + len(got)}
+        assert r.first_token_at is not None and r.finished_at >= r.first_token_at
+    assert mid >= 1, "no request was submitted while another was decoding"
+    assert_no_compile(engine)
+
+
+def test_cancel_frees_the_slot_for_a_queued_request(engine, tiny_model):
+    """All 4 slots busy with requests that fill their rows; a 5th waits. Cancelling one (from its first update)
+    admits the 5th into that slot at the next chunk boundary, long before the others end."""
+    rng = np.random.default_rng(1)
+    prompts = [make_prompt(rng, 4 + i, False) for i in range(5)]
+    cancel_me = threading.Event()
+
+    def on_update(req, new, finished):
+        if cancel_me.is_set():
+            req.cancel()
+
+    victim = engine.submit(prompts[0][0], on_update=on_update, eos_token_id=[])
+    others = [engine.submit(ids, eos_token_id=[]) for ids, _ in prompts[1:4]]  # max_new_tokens: the whole row
+    late = engine.submit(prompts[4][0], max_new_tokens=6, eos_token_id=[])
+    while any(r.slot is None for r in others):  # all 4 slots taken, the 5th queued
+        time.sleep(0.001)
+    cancel_me.set()
+    assert late.result(120) == reference(tiny_model, prompts[4][0], None, 6)
+    assert victim.wait(60) and victim.finish_reason == "cancelled"
+    assert 0 < victim.completion_tokens < 64 - len(prompts[0][0])
+    assert late.slot == victim.slot
+    assert all(r.finished_at is None or late.finished_at < r.finished_at for r in others)
+    for r, (ids, _) in zip(others, prompts[1:4]):
+        assert r.result(120)[:16] == reference(tiny_model, ids, None, 16)  # greedy: a prefix of the whole answer
+        assert r.finish_reason == "length" and r.completion_tokens == 64 - len(ids)  # clamped to the row
+    assert_no_compile(engine)
+
+
+def test_eos_and_stop_strings_end_a_request(engine, tiny_model, processor):
+    rng = np.random.default_rng(5)  # a prompt whose answer starts with text (the random model soon repeats 111)
+    ids, pix = make_prompt(rng, 2, True)
+    free = reference(tiny_model, ids, pix, 12)
+    eos = free[3] if free[3] not in free[:3] else free[1]
+    got = engine.submit(ids, pix, max_new_tokens=12, eos_token_id=eos).result(60)
+    assert got == free[: free.index(eos) + 1]
+    # stop string: two characters the answer produces; the request ends at the token that completes it
+    strings = token_strings(processor.tokenizer, 128)
+    j = next(j for j in range(11) if strings[free[j]] and strings[free[j + 1]])  # ids past 101 have no text
+    stop = strings[free[j]] + strings[free[j + 1]]
+    prompt_text = "".join(strings[t] for t in ids)
+    end = next(j for j in range(12) if (prompt_text + "".join(strings[t] for t in free[: j + 1])).endswith(stop))
+    r = engine.submit(ids, pix, max_new_tokens=12, eos_token_id=[], stop=[stop])
+    assert r.result(60) == free[: end + 1] and r.finish_reason == "stop"
+    assert_no_compile(engine)
+
+
+def test_a_failing_request_fails_alone(engine, tiny_model):
+    rng = np.random.default_rng(3)
+    ids, pix = make_prompt(rng, 2, True)
+    good_ids, _ = make_prompt(rng, 6, False)
+    bad = engine.submit(ids, np.zeros((1, 3, 20, 20), np.float32), max_new_tokens=4)  # wrong image size
+    good = engine.submit(good_ids, max_new_tokens=5, eos_token_id=[])
+    assert bad.wait(60) and bad.finish_reason == "error" and "pixel_values" in str(bad.error)
+    with pytest.raises(RequestFailed):
+        bad.result()
+    assert good.result(60) == reference(tiny_model, good_ids, None, 5)
+    assert list(bad) == [] and bad.completion_tokens == 0
+    assert engine.stats()["running"] == 0 and engine.error is None
+    assert_no_compile(engine)
+
+
+def test_submit_checks_queue_full_and_stop(tiny_model, processor):
+    """An engine that is never started: nothing compiles, requests only queue."""
+    module, params = tiny_model
+    eng = Engine(module, params, processor, max_queue=2, **KW)
+    ids, _ = make_prompt(np.random.default_rng(4), 5, False)
+    with pytest.raises(ValueError, match=r"64 tokens long.*max_model_len is 64.*at most 63"):
+        eng.submit(np.ones(64, np.int32), max_new_tokens=1)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        eng.submit(ids, np.zeros((1, 3, 30, 30), np.float32), max_new_tokens=1)
+    with pytest.raises(ValueError, match="at most 1"):
+        eng.submit(ids, np.zeros((2, 3, 30, 30), np.float32), max_new_tokens=1)
+    with pytest.raises(ValueError, match="temperature"):
+        eng.submit(ids, temperature=-1.0)
+    a = eng.submit(ids, max_new_tokens=3)
+    b = eng.submit(np.ones(63, np.int32))  # the longest prompt that fits: room for one new token
+    assert b.max_new_tokens == 1 and a.max_new_tokens == 3
+    with pytest.raises(QueueFull):
+        eng.submit(ids, max_new_tokens=3)
+    a.cancel()  # a queued request ends at the next look at the queue; stop() cancels the rest
+    eng.stop(0)
+    assert a.finish_reason == b.finish_reason == "cancelled" and a.done and b.done
+    with pytest.raises(EngineStopped):
+        eng.submit(ids, max_new_tokens=3)

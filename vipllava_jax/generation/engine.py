@@ -1,0 +1,683 @@
+"""The device core of a continuous-batching server: one engine thread owns the device and decodes up to
+``max_batch`` requests at once; a new request joins between two decode chunks, without waiting for the
+running ones, and a finished or cancelled one leaves its slot at once.
+
+Use::
+
+    engine = Engine(module, params, processor, max_batch=16, max_model_len=2048, chunk=8)
+    engine.start()                        # warm-up compiles every shape in the engine thread; engine.ready
+    enc = processor([build_prompt("What is in the red box?")], [image])
+    req = engine.submit(**enc, max_new_tokens=64, temperature=0.0, stop=("###",))
+    for token_id in req:                  # blocks; ends when the request finishes
+        ...
+    req.finish_reason                     # "stop" | "length" | "cancelled" | "error"
+    req.usage                             # {"prompt_tokens", "completion_tokens", "total_tokens"}
+    engine.stop(grace_s=10)
+
+API (all methods thread-safe; each ``Request`` has one consumer):
+
+* ``Engine(module, params, processor=None, *, max_batch=16, max_model_len=None, chunk=8, mesh=None,
+  prefill_buckets=None, image_buckets=None, max_queue=64)``. ``processor``: a `data.Processor` (its EOS id is
+  the default EOS, its tokenizer builds the stop-string tables); None: the checkpoint's EOS, no stop strings.
+  ``max_model_len``: slots per row of the KV cache, prompt and new tokens together (default and upper bound:
+  the model's max_position_embeddings). ``chunk``: decode steps per device call (new requests join and
+  finished ones leave between chunks). ``prefill_buckets``: prompt lengths prefill compiles for (default 16, 32,
+  64, ... and max_model_len); ``image_buckets``: image counts per request it compiles for (default (0, 1));
+  ``max_queue``: requests waiting for a slot before `submit` raises `QueueFull`. ``mesh``: not supported yet
+  (must be None); the seam for it and for multi-host serving is `Engine._plan` (below).
+* ``engine.start(warmup=True)``: starts the engine thread; with ``warmup`` it first compiles (and runs once)
+  the prefill+insert for every (length bucket, image bucket) pair that can hold a prompt and the decode chunk,
+  so no request compiles anything afterwards; ``engine.ready`` turns True then (``engine.wait_ready(timeout)``).
+  Requests submitted before that wait in the queue.
+* ``engine.submit(input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=None, temperature=0.0,
+  top_p=1.0, seed=None, stop=(), eos_token_id=None, on_update=None) -> Request``: one prompt in the processor's
+  format (``input_ids`` [T] or [1, T], left padding stripped by ``attention_mask``; each ``<image>`` expanded
+  to image_seq_length image tokens; ``pixel_values`` [I, 3, H, W]), so ``submit(**processor([prompt], images),
+  ...)`` works. ``max_new_tokens``: None or more than fits means up to max_model_len in all (finish reason
+  "length"). ``temperature`` 0 is greedy, else sampling with ``top_p`` (HF's semantics) from ``seed`` (None: a
+  random one). ``stop``: stop strings, matched as `generate`'s ``stop_strings`` are (the token that completes
+  one is the last token delivered; cut the text with `cut_at_stop`). ``eos_token_id``: None is the processor's
+  (else the checkpoint's), [] none; the EOS token is delivered, as `generate` returns it. ``on_update(request,
+  new_token_ids, finished)`` is called on the engine thread after each chunk (keep it short; for asyncio use
+  ``loop.call_soon_threadsafe``). Raises `QueueFull` when ``max_queue`` requests wait, `EngineStopped` after
+  `stop`, ValueError for a prompt longer than max_model_len - 1 (naming both lengths), ids outside the
+  vocabulary, image tokens that do not match the images, more images than the largest image bucket, or bad
+  sampling settings. Checks of the pixels themselves run on the engine thread: they fail that request only.
+* ``Request``: ``for token_id in request`` / ``request.deltas(timeout)`` (lists of new ids per chunk) block
+  until the next tokens; ``request.result(timeout)`` waits and returns all token ids (raises `RequestFailed` on
+  "error"); ``request.tokens`` (delivered so far), ``finish_reason`` (None while running), ``error``,
+  ``usage``, ``prompt_tokens``, ``completion_tokens``, ``done``, ``wait(timeout)``, ``cancel()`` (its slot is
+  free at the next chunk boundary; a queued request is dropped at once), ``submitted_at`` /
+  ``first_token_at`` / ``finished_at`` (time.monotonic()).
+* ``engine.stop(grace_s=30.0)``: stops accepting, lets the running and queued requests finish for up to
+  ``grace_s`` seconds, cancels the rest and ends the thread. ``engine.stats()``: running, queued, free slots,
+  chunks and tokens so far, compiled programs. ``engine.compile_count()``: programs compiled by the engine's
+  jitted functions (flat after warm-up).
+
+How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket, Ib an image bucket):
+
+* The device state (`SlotState`) holds a ring `KVCache` [layers x (B, S, kv_heads, head_dim)] with one write
+  index shared by all slots (a scalar-position, in-place cache write per decode step, as `generate`'s loop
+  does) and per-slot vectors: the last token, its RoPE position, the tokens drawn (the PRNG counter), seed,
+  temperature and top_p.
+* Admission (one jitted call per new request, the state donated): vision tower, projector and the prompt
+  [1, Tb] (left padded to its bucket, images padded to Ib with ``image_valid``) through the decoder into a
+  fresh [1, Tb] cache, the first token chosen, and the prompt's keys and values written into the slot's row of
+  the ring, rolled so that they end at the shared write index (the rest of the row masked out).
+* Decode chunk (one jitted call, the state donated): ``chunk`` steps for all B slots; inactive slots are
+  masked (their tokens ignored, their positions held at 0). Tokens [B, chunk] come back to the host once per
+  chunk; EOS, stop strings (the device automaton's tables, run on the host) and max_new_tokens are checked
+  there, and tokens after a row's end are dropped. A finished slot's keys and values stay until the next
+  request's admission overwrites its whole row.
+* A request needs prompt + new - 1 ring slots; the ring holds S, so requests never overwrite their own
+  tokens. Greedy output equals `generate` for that request alone, whatever runs beside it (rows never mix:
+  RoPE positions are per slot; attention only reads the row's own mask).
+* The host loop is ``plan = self._plan()`` (all scheduling decisions: admissions into free slots, which slots
+  decode, cancellations, the stop) then ``self._execute(plan)`` (device calls and token delivery). For
+  multi-host serving, process 0 would make the plan (with the admitted requests' arrays) and broadcast it, and
+  every process would run `_execute`'s device calls on it; not implemented.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import queue
+import secrets
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ..models.llama import KVCache
+from ..models.vipllava import check_token_ids, image_token_mismatch
+from .inputs import check_count, check_seed, eos_ids, pad_id
+from .loop import _unscanned
+from .sampling import apply_top_p
+from .stop_strings import stop_strings_for
+
+Array = jax.Array
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class QueueFull(RuntimeError):
+    """`Engine.submit` when ``max_queue`` requests already wait for a slot (an HTTP server answers 429/503)."""
+
+
+class EngineStopped(RuntimeError):
+    """`Engine.submit` after `Engine.stop` (or after the engine thread died)."""
+
+
+class RequestFailed(RuntimeError):
+    """`Request.result` of a request that ended with finish reason "error" (the cause is ``__cause__``)."""
+
+
+# --- device side ------------------------------------------------------------------------------------------------
+@struct.dataclass
+class SlotState:
+    cache: KVCache  # ring: [B, S] per layer, one shared write index
+    last: Array  # [B] int32: the newest token of each slot (the next decode input)
+    positions: Array  # [B] int32: RoPE position of `last`
+    steps: Array  # [B] int32: tokens drawn so far (PRNG counter: token i uses fold_in(key(seed), i))
+    seeds: Array  # [B] int32
+    temperature: Array  # [B] float32, 0 = greedy
+    top_p: Array  # [B] float32
+
+
+def select_slot_tokens(logits, temperature, top_p, seeds, steps):
+    """[B, V] logits -> [B] int32 with per-row settings: argmax where temperature is 0, else a sample after
+    temperature and top-p (HF's order), from key fold_in(key(seed), step), as `generate` draws for one row."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0
+
+    def sample():
+        x = logits / jnp.where(sampling, temperature, 1.0)[:, None]
+        x = jax.lax.cond(jnp.any(top_p < 1.0), lambda x: jnp.where((top_p < 1.0)[:, None],
+                                                                   apply_top_p(x, top_p[:, None]), x),
+                         lambda x: x, x)
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+        return jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(keys, x).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(sampling), sample, lambda: greedy)
+    return jnp.where(sampling, drawn, greedy)
+
+
+def _init_fn(module, batch: int, max_len: int):
+    def init() -> SlotState:
+        cache = KVCache.init(module.config.text, batch, max_len, module.dtype).replace(ring=True)
+        z = jnp.zeros((batch,), jnp.int32)
+        return SlotState(cache=cache, last=z, positions=z, steps=z, seeds=z,
+                         temperature=jnp.zeros((batch,), jnp.float32), top_p=jnp.ones((batch,), jnp.float32))
+    return init
+
+
+def _admit_fn(module):
+    """Prefill one prompt [1, Tb] and write it into slot ``slot`` of the ring, ending at the write index."""
+    cfg = module.config
+
+    def admit(params, state: SlotState, ids, pixel_values, mask, image_valid, slot, seed, temperature, top_p):
+        tb, s = ids.shape[1], state.cache.max_len
+        cache = KVCache.init(cfg.text, 1, tb, module.dtype)
+        out = module.apply({"params": params}, ids, pixel_values, mask, cache=cache, last_token_only=True,
+                           image_valid=image_valid)
+        token = select_slot_tokens(out.logits[:, -1], temperature[None], top_p[None], seed[None],
+                                   jnp.zeros((1,), jnp.int32))[0]
+        shift = (state.cache.index - tb) % s
+
+        def put(big, small):  # big [B, S, ...], small [1, Tb, ...] -> row `slot` = small rolled to end at index
+            row = jnp.zeros(big.shape[1:], big.dtype)
+            row = jax.lax.dynamic_update_slice(row, small[0].astype(big.dtype), (0,) * (row.ndim))
+            row = jnp.roll(row, shift, axis=0)
+            return jax.lax.dynamic_update_slice(big, row[None], (slot,) + (0,) * row.ndim)
+
+        c = state.cache
+        ring = c.replace(k=tuple(put(a, b) for a, b in zip(c.k, out.cache.k)),
+                         v=tuple(put(a, b) for a, b in zip(c.v, out.cache.v)),
+                         mask=put(c.mask, out.cache.mask))
+        n = jnp.sum(mask).astype(jnp.int32)
+        state = state.replace(cache=ring, last=state.last.at[slot].set(token),
+                              positions=state.positions.at[slot].set(n), steps=state.steps.at[slot].set(1),
+                              seeds=state.seeds.at[slot].set(seed),
+                              temperature=state.temperature.at[slot].set(temperature),
+                              top_p=state.top_p.at[slot].set(top_p))
+        return state, token
+
+    return admit
+
+
+def _decode_fn(module, chunk: int):
+    def decode(params, state: SlotState, active):
+        s_max = state.cache.max_len
+
+        def step(s: SlotState, _):
+            out = module.apply({"params": params}, s.last[:, None], None, active[:, None].astype(jnp.int32),
+                               position_ids=s.positions[:, None], cache=s.cache)
+            tok = select_slot_tokens(out.logits[:, -1], s.temperature, s.top_p, s.seeds, s.steps)
+            tok = jnp.where(active, tok, 0)
+            # Steps past a row's end (within a chunk) are dropped on the host; their positions are held below
+            # the cache length so no RoPE variant sees a position beyond the context.
+            pos = jnp.where(active, jnp.minimum(s.positions + 1, s_max - 1), 0)
+            return s.replace(cache=out.cache, last=tok, positions=pos, steps=s.steps + 1), tok
+
+        state, toks = jax.lax.scan(step, state, None, length=chunk)
+        return state, toks.T
+
+    return decode
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(module, batch: int, max_len: int, chunk: int):
+    """(init, admit, decode) jitted, shared by engines of the same model and shapes (tests start several)."""
+    return (jax.jit(_init_fn(module, batch, max_len)), jax.jit(_admit_fn(module), donate_argnums=(1,)),
+            jax.jit(_decode_fn(module, chunk), donate_argnums=(1,)))
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+class Request:
+    """A handle on one submitted prompt (see the module docstring). Created by `Engine.submit`."""
+
+    def __init__(self, rid: int, ids: np.ndarray, pixel_values, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int, eos: tuple[int, ...], stop, on_update):
+        self.id = rid
+        self.prompt_ids = ids  # [n] int32, the real tokens
+        self.prompt_tokens = int(ids.shape[0])
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self._pixels = pixel_values
+        self._eos = eos
+        self._stop = stop  # StopStrings or None
+        self._stop_state = None if stop is None else stop.initial_state(ids[None], None)[0]
+        self._on_update = on_update
+        self._tokens: list[int] = []
+        self._q: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._cancel = False
+        self.slot: int | None = None  # the decode slot it ran in (set at admission)
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    # -- consumer side
+    def __iter__(self) -> Iterator[int]:
+        for delta in self.deltas():
+            yield from delta
+
+    def deltas(self, timeout: float | None = None) -> Iterator[list[int]]:
+        """The new token ids, one list per decode chunk, until the request finishes. ``timeout``: seconds to
+        wait for each list (queue.Empty when it passes)."""
+        while True:
+            item = self._q.get(timeout=timeout)
+            if item is None:
+                self._q.put(None)  # later iterations end at once too
+                return
+            yield item
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """All token ids once the request has finished (TimeoutError if it has not within ``timeout``)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} has not finished within {timeout} s")
+        if self.finish_reason == "error":
+            raise RequestFailed(f"request {self.id} failed: {self.error}") from self.error
+        return list(self._tokens)
+
+    def cancel(self) -> None:
+        """Stop generating: a queued request ends at once, a running one at the next chunk boundary."""
+        self._cancel = True
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine._wake()
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def __repr__(self):
+        return (f"Request(id={self.id}, prompt_tokens={self.prompt_tokens}, completion_tokens="
+                f"{self.completion_tokens}, finish_reason={self.finish_reason!r})")
+
+    # -- engine side (engine thread only)
+    def _deliver(self, new: list[int], finish: str | None = None, error: BaseException | None = None):
+        if new:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self._tokens.extend(new)
+            self._q.put(list(new))
+        if finish is not None:
+            self.finish_reason, self.error = finish, error
+            self.finished_at = time.monotonic()
+            self._q.put(None)
+            self._done.set()
+        if self._on_update is not None and (new or finish is not None):
+            try:
+                self._on_update(self, list(new), finish is not None)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the engine
+                log.exception("on_update callback of request %d raised", self.id)
+
+    def _accept(self, tokens) -> tuple[list[int], str | None]:
+        """The tokens of this request among ``tokens`` (in order) and its finish reason, if it ends here."""
+        out: list[int] = []
+        for t in tokens:
+            t = int(t)
+            out.append(t)
+            if t in self._eos:
+                return out, "stop"
+            if self._stop is not None:
+                st = self._stop
+                m = np.arange(len(st.strings))
+                hit = bool(st.hit[m, self._stop_state, t].any())
+                self._stop_state = st.next_state[m, self._stop_state, t]
+                if hit:
+                    return out, "stop"
+            if len(self._tokens) + len(out) >= self.max_new_tokens:
+                return out, "length"
+        return out, None
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the device does at one chunk boundary: the requests to admit (slot, request; prefilled in order)
+    and which slots decode the next chunk. Host-only bookkeeping (cancellations, finished slots) is already done
+    when a plan is made. The unit a multi-host leader would broadcast to its followers."""
+
+    admit: list[tuple[int, Request]]
+    active: np.ndarray  # [max_batch] bool
+
+
+# --- the engine -------------------------------------------------------------------------------------------------
+class Engine:
+    """Continuous batching on one device (see the module docstring)."""
+
+    def __init__(self, module, params, processor=None, *, max_batch: int = 16, max_model_len: int | None = None,
+                 chunk: int = 8, mesh=None, prefill_buckets: Sequence[int] | None = None,
+                 image_buckets: Sequence[int] | None = None, max_queue: int = 64):
+        if mesh is not None:
+            raise NotImplementedError("Engine(mesh=...) is not supported yet: the engine runs on one device")
+        module, params = _unscanned(module, params)
+        self.module, self.params, self.processor = module, params, processor
+        cfg = module.config
+        self.max_batch = check_count(max_batch, "max_batch")
+        self.chunk = check_count(chunk, "chunk")
+        self.max_queue = check_count(max_queue, "max_queue")
+        ctx = cfg.text.max_position_embeddings
+        self.max_model_len = ctx if max_model_len is None else check_count(max_model_len, "max_model_len")
+        if self.max_model_len > ctx:
+            raise ValueError(f"max_model_len={self.max_model_len} is longer than the model's context of {ctx} "
+                             f"tokens (max_position_embeddings)")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2 (a prompt token and a new one), got "
+                             f"{self.max_model_len}")
+        s = self.max_model_len
+        if prefill_buckets is None:
+            b, buckets = 16, []
+            while b < s:
+                buckets.append(b)
+                b *= 2
+            prefill_buckets = buckets + [s]
+        self.prefill_buckets = tuple(sorted({check_count(b, "prefill bucket") for b in prefill_buckets}))
+        if self.prefill_buckets[-1] > s:
+            raise ValueError(f"prefill buckets {self.prefill_buckets} go past max_model_len={s}")
+        if self.prefill_buckets[-1] < s - 1:
+            self.prefill_buckets += (s,)  # every prompt that fits must have a bucket
+        ib = (0, 1) if image_buckets is None else image_buckets
+        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in ib):
+            raise ValueError(f"image_buckets must be non-negative integers, got {list(ib)}")
+        self.image_buckets = tuple(sorted({int(i) for i in ib} | {0}))
+        self.image_seq_length = cfg.image_seq_length
+        vc = cfg.vision
+        self.pixel_shape = (vc.num_channels, vc.image_size, vc.image_size)
+        self.eos = eos_ids(cfg, processor.eos_token_id if processor is not None else None)
+        pad = pad_id(cfg, processor.pad_token_id if processor is not None else None, self.eos)
+        self.pad = 0 if pad == cfg.image_token_index else pad
+
+        self._init, self._admit, self._decode = _compiled(module, self.max_batch, s, self.chunk)
+        self._state: SlotState | None = None
+        self._slots: list[Request | None] = [None] * self.max_batch
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._deadline: float | None = None
+        self._next_id = 0
+        self.ready = False
+        self._ready_event = threading.Event()
+        self.error: BaseException | None = None
+        self._counts = {"chunks": 0, "admitted": 0, "tokens": 0}
+
+    # -- public ------------------------------------------------------------------------------------------------
+    def start(self, warmup: bool = True) -> "Engine":
+        """Start the engine thread (warm-up first when ``warmup``); returns at once."""
+        with self._cv:
+            if self._thread is not None:
+                raise RuntimeError("the engine was already started")
+            if self._stopping:
+                raise EngineStopped("the engine was stopped")
+            self._thread = threading.Thread(target=self._main, args=(warmup,), name="vipllava-engine",
+                                            daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready_event.wait(timeout)
+        return self.ready
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting requests, let the accepted ones finish for up to ``grace_s`` seconds, cancel the rest
+        and end the engine thread (returns when it has ended)."""
+        with self._cv:
+            self._stopping = True
+            self._deadline = time.monotonic() + max(0.0, float(grace_s))
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is None:  # never started: nothing runs, the queued requests are cancelled
+            with self._cv:
+                while self._queue:
+                    self._queue.popleft()._deliver([], "cancelled")
+            return
+        thread.join()
+
+    def submit(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               eos_token_id=None, on_update: Callable | None = None) -> Request:
+        """Queue one prompt; see the module docstring."""
+        cfg = self.module.config
+        check_token_ids(input_ids, cfg.text.vocab_size)
+        ids = np.asarray(input_ids)
+        if ids.ndim == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"submit takes one prompt ([T] or [1, T]), got a batch of {ids.shape[0]}")
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise ValueError(f"input_ids must be [T] or [1, T], got shape {np.shape(input_ids)}")
+        if attention_mask is not None:
+            m = np.asarray(attention_mask).reshape(-1)
+            if m.shape != ids.shape or not np.isin(m, (0, 1)).all():
+                raise ValueError(f"attention_mask must be 0/1 of input_ids' shape {ids.shape}")
+            if m.size and m[-1] == 0:
+                raise ValueError("the prompt ends in padding: give it left padded (padding_side='left')")
+            ids = ids[m.astype(bool)]
+        ids = ids.astype(np.int32)
+        n, s = int(ids.shape[0]), self.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n > s - 1:
+            raise ValueError(f"The prompt is {n} tokens long, but this engine's max_model_len is {s}: a prompt can "
+                             f"have at most {s - 1} tokens (max_model_len - 1) to leave room for a new one")
+        n_images = 0 if pixel_values is None else int(np.shape(pixel_values)[0]) if np.ndim(pixel_values) else -1
+        if n_images < 0:
+            raise ValueError(f"pixel_values must be [I, 3, H, W], got shape {np.shape(pixel_values)}")
+        if n_images > self.image_buckets[-1]:
+            raise ValueError(f"{n_images} images in one request, but this engine takes at most "
+                             f"{self.image_buckets[-1]} (image_buckets={self.image_buckets})")
+        if n_images or np.any(ids == cfg.image_token_index):
+            err = image_token_mismatch(ids[None], n_images, cfg.image_token_index, cfg.image_seq_length)
+            if err:
+                raise ValueError(err)
+        room = s - n
+        new = room if max_new_tokens is None else min(check_count(max_new_tokens, "max_new_tokens"), room)
+        temperature, top_p = float(temperature), float(top_p)
+        if not (temperature >= 0.0 and np.isfinite(temperature)):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        seed = secrets.randbelow(2**31) if seed is None else check_seed(seed)
+        eos = self.eos if eos_token_id is None else eos_ids(cfg, eos_token_id)
+        stop = tuple(stop)
+        tables = None
+        if stop:
+            if self.processor is None:
+                raise ValueError("stop strings need the engine's processor (its tokenizer)")
+            tables = stop_strings_for(self.processor.tokenizer, stop, cfg.text.vocab_size)
+        with self._cv:
+            if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+                raise EngineStopped("the engine is stopped: it takes no new requests")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests already wait for a slot (max_queue={self.max_queue})")
+            req = Request(self._next_id, ids, pixel_values, new, temperature, top_p, seed, eos, tables, on_update)
+            req._engine = self
+            self._next_id += 1
+            self._queue.append(req)
+            self._cv.notify_all()
+        return req
+
+    def stats(self) -> dict:
+        with self._cv:
+            running = sum(r is not None for r in self._slots)
+            return {"ready": self.ready, "running": running, "queued": len(self._queue),
+                    "free_slots": self.max_batch - running, **self._counts, "compiled": self.compile_count()}
+
+    def compile_count(self) -> int:
+        """Programs compiled so far by the engine's jitted functions (shared by engines of the same shapes)."""
+        return sum(f._cache_size() for f in (self._init, self._admit, self._decode))
+
+    # -- engine thread -----------------------------------------------------------------------------------------
+    def _wake(self):
+        with self._cv:
+            self._cv.notify_all()
+
+    def _main(self, warmup: bool):
+        try:
+            self._state = self._init()
+            if warmup:
+                self._warmup()
+            self.ready = True
+            self._ready_event.set()
+            while True:
+                plan = self._plan()
+                if plan is None:
+                    break
+                self._execute(plan)
+        except BaseException as e:  # noqa: BLE001 - the engine dies: fail every request, say why
+            log.exception("the engine thread failed")
+            self.error = e
+            with self._cv:
+                self._stopping = True
+                pending = [r for r in self._slots if r is not None] + list(self._queue)
+                self._slots = [None] * self.max_batch
+                self._queue.clear()
+            for r in pending:
+                r._deliver([], "error", e)
+        finally:
+            self._ready_event.set()
+
+    def _warmup(self):
+        """Run every program once: admit for each (length bucket, image bucket) that can hold a prompt with that
+        many images, and the decode chunk (all slots inactive)."""
+        cfg = self.module.config
+        for tb in self.prefill_buckets:
+            for ni in self.image_buckets:
+                need = ni * self.image_seq_length + 1 if ni else 1
+                if need > tb:
+                    continue
+                ids = np.full((1, tb), self.pad, np.int32)
+                if ni:
+                    ids[0, tb - need + 1:] = cfg.image_token_index
+                pix = np.zeros((ni,) + self.pixel_shape, np.float32) if ni else None
+                valid = np.ones((ni,), bool) if ni else None
+                self._state, tok = self._admit(self.params, self._state, ids, pix, np.ones((1, tb), np.int32),
+                                               valid, np.int32(0), np.int32(0), np.float32(0), np.float32(1))
+                # also the sampling branch's compile-time work is in the same program; run it once
+        self._state, toks = self._decode(self.params, self._state, np.zeros((self.max_batch,), bool))
+        jax.block_until_ready(toks)
+
+    def _plan(self) -> Plan | None:
+        """Every scheduling decision of one chunk boundary, under the lock: cancelled requests leave their slots,
+        queued ones take free slots (FIFO), the stop's deadline is applied. None: the engine ends."""
+        with self._cv:
+            while True:
+                for i, r in enumerate(self._slots):
+                    if r is not None and r._cancel:
+                        self._slots[i] = None
+                        r._deliver([], "cancelled")
+                for r in [r for r in self._queue if r._cancel]:
+                    self._queue.remove(r)
+                    r._deliver([], "cancelled")
+                busy = any(r is not None for r in self._slots) or bool(self._queue)
+                if self._stopping and (not busy or time.monotonic() >= self._deadline):
+                    for i, r in enumerate(self._slots):
+                        if r is not None:
+                            self._slots[i] = None
+                            r._deliver([], "cancelled")
+                    while self._queue:
+                        self._queue.popleft()._deliver([], "cancelled")
+                    return None
+                if busy:
+                    break
+                self._cv.wait(timeout=None if self._deadline is None else
+                              max(0.0, self._deadline - time.monotonic()))
+            admit = []
+            for i in range(self.max_batch):
+                if self._slots[i] is None and self._queue:
+                    r = self._queue.popleft()
+                    self._slots[i] = r
+                    r.slot = i
+                    admit.append((i, r))
+            active = np.array([r is not None for r in self._slots], bool)
+            return Plan(admit, active)
+
+    def _prepare(self, r: Request):
+        """Host arrays for one admission: the prompt left padded to its bucket, the images padded to theirs."""
+        n = r.prompt_tokens
+        tb = next(b for b in self.prefill_buckets if b >= n)
+        ids = np.full((1, tb), self.pad, np.int32)
+        ids[0, tb - n:] = r.prompt_ids
+        mask = np.zeros((1, tb), np.int32)
+        mask[0, tb - n:] = 1
+        pix = valid = None
+        if r._pixels is not None and np.shape(r._pixels)[0]:
+            p = np.asarray(r._pixels)
+            if p.ndim != 4 or p.shape[1:] != self.pixel_shape:
+                raise ValueError(f"pixel_values must be [I, {', '.join(map(str, self.pixel_shape))}] (this model's "
+                                 f"vision tower), got shape {p.shape}")
+            if p.dtype.kind not in "fiu":
+                raise ValueError(f"pixel_values must hold numbers, got dtype {p.dtype}")
+            p = p.astype(np.float32)
+            if not np.isfinite(p).all():
+                raise ValueError("pixel_values hold NaN or infinite values")
+            ni = p.shape[0]
+            ib = next(b for b in self.image_buckets if b >= ni)
+            pix = np.concatenate([p, np.zeros((ib - ni,) + self.pixel_shape, np.float32)]) if ib > ni else p
+            valid = np.arange(ib) < ni
+        return ids, pix, mask, valid
+
+    def _execute(self, plan: Plan):
+        firsts = []
+        for slot, r in plan.admit:
+            try:
+                ids, pix, mask, valid = self._prepare(r)
+                self._state, tok = self._admit(self.params, self._state, ids, pix, mask, valid, np.int32(slot),
+                                               np.int32(r.seed), np.float32(r.temperature), np.float32(r.top_p))
+                firsts.append((slot, r, tok))
+                self._counts["admitted"] += 1
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.warning("request %d failed at admission: %s", r.id, e)
+                self._free(slot, r, "error", e)
+                plan.active[slot] = False
+                self._check_state()
+        if not plan.active.any():
+            return
+        try:
+            self._state, toks = self._decode(self.params, self._state, plan.active)
+            firsts_host, toks = jax.device_get(([t for _, _, t in firsts], toks))
+        except Exception as e:  # noqa: BLE001 - a failed chunk fails the running requests, the engine goes on
+            log.exception("decode chunk failed")
+            for slot, r in enumerate(self._slots):
+                if r is not None:
+                    self._free(slot, r, "error", e)
+            self._check_state()
+            return
+        self._counts["chunks"] += 1
+        first = {slot: int(t) for (slot, _, _), t in zip(firsts, firsts_host)}
+        for slot in np.nonzero(plan.active)[0]:
+            slot = int(slot)
+            r = self._slots[slot]
+            if r is None:
+                continue
+            seq = ([first[slot]] if slot in first else []) + toks[slot].tolist()
+            new, finish = r._accept(seq)
+            self._counts["tokens"] += len(new)
+            if finish is not None:
+                with self._cv:
+                    self._slots[slot] = None
+            r._deliver(new, finish)
+
+    def _free(self, slot: int, r: Request, finish: str, error: BaseException | None = None):
+        with self._cv:
+            if self._slots[slot] is r:
+                self._slots[slot] = None
+        r._deliver([], finish, error)
+
+    def _check_state(self):
+        """After a failed device call: if the donated state was consumed, start from a fresh one (the running
+        requests lose their caches, so they fail)."""
+        if any(x.is_deleted() for x in jax.tree.leaves(self._state)):
+            err = RuntimeError("the engine's device state was lost in a failed call")
+            for slot, r in enumerate(self._slots):
+                if r is not None:
+                    self._free(slot, r, "error", err)
+            self._state = self._init()
