@@ -224,7 +224,6 @@ def _pil_kinds():
         "RGBA": Image.fromarray(rgba_arr, "RGBA"),
         "CMYK": Image.fromarray(rand_image(39, 50, c=4, seed=13), "CMYK"),
         "LA": la,
-        "I;16": Image.fromarray(rand_image(41, 57, c=None, seed=14, high=400, dtype=np.uint16)),
         "tall": Image.fromarray(rand_image(90, 17, seed=15)),
         "wide": Image.fromarray(rand_image(17, 90, seed=16)),
         "tiny": Image.fromarray(rand_image(5, 7, seed=17)),
@@ -259,6 +258,41 @@ def test_pixels_exif_rotated_jpeg(hf, ours, tmp_path):
     assert not np.allclose(preprocess_image(pil, ours.image_config), preprocess_image(path, ours.image_config))
     # Through the whole processor, path string in both.
     assert_ids_equal(hf, ours, [build_prompt("Which way is up?")], [str(path)])
+
+
+def _sixteen_bit_grey(h=41, w=57):
+    """(16-bit data whose high byte is a grey image with mean 128.9, that 8-bit grey image)."""
+    rng = np.random.default_rng(14)
+    v8 = np.clip(rng.normal(128.9, 40, (h, w)), 0, 255).round().astype(np.uint8)
+    v8[0, 0] = 255  # so the 16-bit values reach the top of the range
+    return v8.astype(np.uint16) * 256 + rng.integers(0, 256, (h, w), dtype=np.uint16), v8
+
+
+def test_high_bit_depth_grey_is_scaled_to_8_bits_not_clipped(hf, ours, tmp_path):
+    """A documented deviation from HF: 16-bit (I;16), 32-bit integer (I) and float (F) grey images are scaled to
+    8 bits (16 bit: the high byte) before RGB conversion, where HF's convert("RGB") clips them to 0..255 and so
+    turns a 16-bit image almost white. The rest of the pipeline is HF's on the scaled 8-bit image."""
+    v16, v8 = _sixteen_bit_grey()
+    assert abs(v8.mean() - 128.9) < 1
+    as_8bit = Image.fromarray(v8)  # mode L
+    path = tmp_path / "grey16.png"
+    Image.fromarray(v16).save(path)
+    assert Image.open(path).mode == "I;16"
+    # HF's load_image / convert_to_rgb: PIL's convert("RGB"), which clips: almost white.
+    assert np.asarray(Image.open(path).convert("RGB")).mean() > 250
+    assert hf_pixels(hf, str(path)).mean() > 0.9 * hf_pixels(hf, Image.new("L", (57, 41), 255)).mean()
+    inputs = {"png file": str(path), "I;16": Image.open(path),
+              "I;16B": Image.frombytes("I;16B", (57, 41), v16.astype(">u2").tobytes()),
+              "I": Image.fromarray(v16.astype(np.int32)), "F 0..1": Image.fromarray((v8 / 255).astype(np.float32)),
+              "F 0..255": Image.fromarray(v8.astype(np.float32))}
+    ref = hf_pixels(hf, as_8bit)
+    for name, src in inputs.items():
+        rgb = np.asarray(load_image(src))
+        assert rgb.shape == (41, 57, 3) and (rgb == v8[..., None]).all(), name
+        assert abs(rgb.mean() - 128.9) < 1, name  # not 254.8
+        assert_pixels_equal(preprocess_image(src, ours.image_config), ref)
+    # "I" holding 8-bit values (all within 0..255) is kept as it is.
+    assert (np.asarray(load_image(Image.fromarray(v8.astype(np.int32))))[..., 0] == v8).all()
 
 
 def test_alpha_conversions_match_hf_semantics(tmp_path):

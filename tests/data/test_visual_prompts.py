@@ -188,6 +188,28 @@ def test_box_outside_the_image():
         vp.draw_markers(grey(), [vp.Arrow((10, 10), (300, 10))])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_nan_and_infinite_coordinates_are_refused(bad):
+    """NaN and infinity alike, in pixel and normalized coordinates of every coordinate-taking kind, and in
+    polygons (records.polygon_mask, which Pillow would otherwise fill far too big)."""
+    from vipllava_jax.data.records import polygon_mask
+    markers = [vp.Rectangle((50, bad, 150, 90)), vp.Ellipse((50, 30, bad, 90)), vp.Point((bad, 60)),
+               vp.Arrow((60, 100), (bad, 40)), vp.Triangle(points=((1, 1), (5, bad), (9, 1))),
+               vp.Scribble(points=((1, 1), (bad, 5))), vp.Rectangle((0.1, bad, 0.5, 0.5), normalized=True),
+               vp.Arrow((60, 100), (140, 40), head_size=bad)]
+    for m in markers:
+        with pytest.raises(ValueError, match="NaN or infinite|head_size must be a finite number"):
+            vp.draw_markers(grey(), [m])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        polygon_mask([[2, 2, 20, bad, 12, 25]], (W, H))
+
+
+def test_16bit_grey_image_is_scaled_to_8_bits_before_drawing():
+    a = np.full((H, W), 128 * 256 + 77, np.uint16)
+    out = np.asarray(vp.draw_markers(Image.fromarray(a), [vp.Point((100, 10), radius=2)]))
+    assert out.shape == (H, W, 3) and (out[60, 100] == 128).all()
+
+
 def test_unknown_colour_and_bad_style():
     with pytest.raises(ValueError, match="Unknown colour 'reddish'.*red, lime, blue, yellow, fuchsia, aqua, "
                                          "orange, purple, gold"):

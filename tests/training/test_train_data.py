@@ -289,6 +289,13 @@ BAD = [
     ({"id": "b-notimage", "conversations": conv(("<image>\nQ", "A"))}, "1 <image> tag"),
     ({"id": "b-bbox", "image": "a.png", "bboxes": [[1, 1, 9, 9]], "conversations": conv(("<image>\n<bbox2>?", "A"))},
      "<bbox2>"),
+    # NaN and infinity alike (a NaN polygon vertex drew a mask three times too big; an infinite box was clipped)
+    ({"id": "b-nanbox", "image": "a.png", "bboxes": [[1, float("nan"), 9, 9]], "marker_kinds": ["mask"],
+      "conversations": conv(("<image>\n<bbox>?", "A"))}, "bboxes[0] (region 0) has a NaN or infinite"),
+    ({"id": "b-infbox", "image": "a.png", "bboxes": [[1, 1, float("inf"), 9]],
+      "conversations": conv(("<image>\n<bbox>?", "A"))}, "bboxes[0] (region 0) has a NaN or infinite"),
+    ({"id": "b-nanseg", "image": "a.png", "segmentations": [[1, 1, 9, 9, 5, 5], [[2, 2, 20, 3, float("nan"), 25]]],
+      "conversations": conv(("<image>\n<bbox1>?", "A"))}, "segmentations[1] (region 1), polygon 0, has a NaN"),
 ]
 
 

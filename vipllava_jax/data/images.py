@@ -1,5 +1,6 @@
 """Loading images: a path, URL, ``data:`` URI, bytes, PIL image or numpy array -> an RGB PIL image, converted the
-way Hugging Face converts that kind of input (`load_image`)."""
+way Hugging Face converts that kind of input (`load_image`), except that 16-bit, 32-bit integer and float images
+are scaled to 8 bits (`to_8bit`) where HF clips them to 0..255."""
 from __future__ import annotations
 
 import base64
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["load_image"]
+__all__ = ["load_image", "to_8bit", "HIGH_BIT_DEPTH_MODES"]
 
 
 def _describe(src: Any) -> str:
@@ -61,13 +62,53 @@ def _download(url: str, timeout: float) -> bytes:
         raise ValueError(f"Cannot download image {url}: {e} (is there a network connection?)") from e
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image (PIL modes I;16*, I, F) -> an 8-bit "L" image, scaled to
+    0..255; any other image is returned as it is. A documented deviation from Hugging Face, whose
+    `convert("RGB")` clips these modes to 0..255, so that a 16-bit PNG comes in almost white.
+
+      - I;16, I;16L, I;16B, I;16N (unsigned 16 bit): ``v >> 8`` (the high byte), as Pillow itself reads
+        16-bit RGB / RGBA / LA PNGs, so a grey and a colour 16-bit image of the same values agree, and 8-bit
+        data stored as 16 bit (v * 257) comes back exactly.
+      - I (signed 32 bit; some readers give 16-bit files this mode): if every value is within 0..255 the image
+        is taken as 8-bit data and kept as it is; otherwise as 16-bit data: clipped to 0..65535, then ``>> 8``.
+      - F (32-bit float): if every finite value is within [0, 1] the image is taken as unit-range data and
+        scaled by 255; otherwise as 0..255 data, clipped to it. Either way rounded to the nearest integer;
+        NaN becomes 0.
+    """
+    if img.mode not in HIGH_BIT_DEPTH_MODES:
+        return img
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
+        finite = a[np.isfinite(a)]
+        if finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0):
+            a = a * 255.0
+        out = np.rint(np.clip(a, 0.0, 255.0))
+    else:
+        a = a.astype(np.int64)
+        if img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 255:
+            out = a
+        else:
+            out = np.clip(a, 0, 65535) >> 8
+    res = Image.fromarray(np.ascontiguousarray(out.astype(np.uint8)), mode="L")
+    res.info.update({k: v for k, v in img.info.items() if k != "transparency"})
+    return res
+
+
 def _hf_convert_to_rgb(img: Image.Image) -> Image.Image:
-    """transformers.image_transforms.convert_to_rgb for PIL input: what CLIPImageProcessor does to a PIL image.
+    """transformers.image_transforms.convert_to_rgb for PIL input: what CLIPImageProcessor does to a PIL image,
+    except for 16-bit, 32-bit integer and float images (I;16*, I, F), which are scaled to 8 bits first
+    (`to_8bit`) where HF clips them to 0..255.
 
     Any alpha band (RGBA, LA, PA) or a `transparency` key in `img.info` (P/L/RGB with tRNS) is
     alpha-composited onto white; everything else goes through PIL's `convert("RGB")` (L and P expand, CMYK
-    and YCbCr use PIL's conversions, I;16 / I / F are clipped to 0..255 by PIL).
+    and YCbCr use PIL's conversions).
     """
+    img = to_8bit(img)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -118,7 +159,10 @@ def load_image(src, *, exif_transpose: bool | None = None, timeout: float = 10.0
         colour key onto white.
       - PIL images (HF: the image processor's `convert_to_rgb`): NO EXIF transpose; alpha bands and
         `transparency` keys are alpha-composited onto WHITE; other modes via PIL's `convert("RGB")`
-        (L/P expand; CMYK uses PIL's formula; I;16/I/F are clipped to 0..255, so most 16-bit images turn white).
+        (L/P expand; CMYK uses PIL's formula).
+      - Except (all inputs): 16-bit, 32-bit integer and float grey images (PIL modes I;16*, I, F) are scaled to
+        8 bits (`to_8bit`: 16-bit ``v >> 8``) where HF clips them to 0..255 and so turns most 16-bit images
+        white: a documented deviation.
       - numpy arrays: see `_array_to_rgb` (grey repeated, RGBA composited onto white with HF's formula).
     exif_transpose: None = as HF (True for encoded inputs, False for PIL images); True/False to force it.
 
@@ -158,4 +202,4 @@ def load_image(src, *, exif_transpose: bool | None = None, timeout: float = 10.0
     img = _open_checked(io.BytesIO(data), name)
     if exif_transpose is None or exif_transpose:
         img = ImageOps.exif_transpose(img)
-    return _hf_convert_to_rgb(img.convert("RGB"))
+    return _hf_convert_to_rgb(to_8bit(img).convert("RGB"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -143,8 +144,8 @@ def image_paths(record: dict, rid, error: type[RecordError] = RecordError) -> li
 def parse_regions(record: dict, rid, texts: Sequence[str], has_image: bool,
                   error: type[RecordError] = RecordError) -> tuple[list[Region], list[int]]:
     """(regions, used): the record's regions, and the region indices the ``<bboxN>`` placeholders in `texts`
-    name (sorted, distinct). A placeholder without its region, or regions and no image to draw them on, is an
-    error."""
+    name (sorted, distinct). A placeholder without its region, regions and no image to draw them on, or a NaN or
+    infinite coordinate (in a bbox or a polygon) is an error."""
     boxes = record.get("bboxes") or []
     segs = record.get("segmentations") or []
     if not isinstance(boxes, list) or not isinstance(segs, list):
@@ -161,6 +162,8 @@ def parse_regions(record: dict, rid, texts: Sequence[str], has_image: bool,
                 box = ()
             if len(box) != 4:
                 raise error(rid, f"bboxes[{i}] must be [x0, y0, x1, y1], got {boxes[i]!r}")
+            if not all(math.isfinite(v) for v in box):
+                raise error(rid, f"bboxes[{i}] (region {i}) has a NaN or infinite coordinate: {list(boxes[i])!r}")
         polys = segs[i] if segs else None
         if polys is not None:
             try:
@@ -169,6 +172,9 @@ def parse_regions(record: dict, rid, texts: Sequence[str], has_image: bool,
                 polys = tuple(tuple(float(v) for v in p) for p in polys)
             except (TypeError, ValueError):
                 raise error(rid, f"segmentations[{i}] must be polygons (flat [x, y, ...] lists)") from None
+            bad = next((j for j, p in enumerate(polys) if not all(math.isfinite(v) for v in p)), None)
+            if bad is not None:
+                raise error(rid, f"segmentations[{i}] (region {i}), polygon {bad}, has a NaN or infinite coordinate")
             polys = polys or None
         if box is None and polys is None:
             raise error(rid, f"region {i} has neither a bbox nor a segmentation")
@@ -187,11 +193,14 @@ def fill_placeholders(text: str, phrases: Sequence[str]) -> str:
 
 
 def polygon_mask(polygons, size: tuple[int, int]) -> np.ndarray:
-    """bool [H, W]: the union of COCO-style polygons (flat [x, y, ...] lists) on an image of size (w, h)."""
+    """bool [H, W]: the union of COCO-style polygons (flat [x, y, ...] lists) on an image of size (w, h).
+    A NaN or infinite coordinate is a ValueError (Pillow would draw a wrong, larger shape)."""
     img = Image.new("L", size, 0)
     d = ImageDraw.Draw(img)
     for poly in polygons:
         pts = [float(v) for v in poly]
+        if not all(math.isfinite(v) for v in pts):
+            raise ValueError(f"polygon {pts} has a NaN or infinite coordinate")
         if len(pts) >= 6 and len(pts) % 2 == 0:
             d.polygon(list(zip(pts[0::2], pts[1::2])), fill=1, outline=1)
     return np.asarray(img) > 0

@@ -57,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from .clip import CLIP_MEAN, expand_to_square
+from .images import to_8bit
 
 __all__ = [
     "MARKER_KINDS", "NAMED_COLORS", "Rectangle", "Ellipse", "Triangle", "Point", "Arrow", "Scribble",
@@ -248,6 +249,8 @@ def _numbers(m: _Marker, values, form: str, name: str, lead: str, size) -> tuple
         raise ValueError(f"{m.kind}: {lead} {shape} numbers, got {values!r}") from None
     if len(vals) != len(form):
         raise ValueError(f"{m.kind}: {lead} {shape}, got {len(vals)} numbers")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{m.kind}: {name} {vals} has a NaN or infinite coordinate")
     if m.normalized:
         if not all(0.0 <= v <= 1.0 for v in vals):
             raise ValueError(f"{m.kind}: normalized {name} {vals} must lie in [0, 1]")
@@ -399,8 +402,8 @@ def _coverage(m: _Marker, size) -> np.ndarray:
         # training: head size max(U(0.2, 0.5) x length, 6 px at 336 px); here 0.3 x length, and never much
         # narrower than the shaft
         hs = float(m.head_size) if m.head_size is not None else max(0.3 * length, 4 * lw, 6 * _scale(size))
-        if not hs > 0:  # NaN too
-            raise ValueError(f"arrow: head_size must be > 0, got {m.head_size}")
+        if not (hs > 0 and math.isfinite(hs)):  # NaN too
+            raise ValueError(f"arrow: head_size must be a finite number > 0, got {m.head_size}")
         hs = min(hs, length)
         ux, uy = (hx - tx) / length, (hy - ty) / length
         bx, by = hx - ux * hs, hy - uy * hs  # the base of the head
@@ -425,8 +428,8 @@ def marker_extent(m: _Marker, size) -> tuple[int, int, int, int] | None:
 
 # --- drawing -----------------------------------------------------------------------------------------------------
 def _as_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    if isinstance(image, Image.Image):  # 16-bit / float grey scaled to 8 bits first, as load_image does
+        return to_8bit(image).convert("RGB") if image.mode != "RGB" else image.copy()
     a = np.asarray(image)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=-1)

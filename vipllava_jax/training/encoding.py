@@ -30,6 +30,12 @@ checked equal to tokenizing the whole prompt string at once (what inference does
 image tokens and padding, and the token id on answers and their end-of-turn. Each ``<image>`` becomes
 ``image_seq_length`` ``image_token_index`` tokens.
 
+Before training (`validate_records`, `check_records`; the trainer's setup calls the latter): every record goes
+through the same parsing and checks as `encode_example` except tokenization and image decoding (structure,
+``<image>`` tags against images, regions and their coordinates, marker kinds), its image files must exist, and a
+region must have area on its image (size from the file header). Every bad record is reported in one error, or,
+with skip_bad_examples, left out up front and counted in one log line.
+
 Too long (> max_length): the text after the last image is cut; an example whose cut would reach an image's
 tokens (or that has no answer token left) is dropped and counted, never passed on with a token/feature mismatch.
 """
@@ -38,20 +44,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..data import visual_prompts as vp
 from ..data.clip import ImageConfig, preprocess_image
 from ..data.images import load_image
-from ..data.markers import MarkerError, MarkerStyle, make_markers, sample_styles
+from ..data.markers import MarkerError, MarkerStyle, _clip_box, make_markers, sample_styles
 from ..data.prompts import IMAGE_TOKEN, V0_SEPARATOR, build_prompt, template_parts
-from ..data.records import RecordError, fill_placeholders, image_paths, parse_regions, parse_turns, record_id
+from ..data.records import (RecordError, fill_placeholders, image_paths, parse_regions, parse_turns,
+                            polygon_mask, record_id)
 from .config import DataConfig
 from .loss import IGNORE_INDEX
 
-__all__ = ["DataError", "ExampleDropped", "Example", "encode_example", "example_rng"]
+__all__ = ["DataError", "BadRecordsError", "ExampleDropped", "Example", "encode_example", "example_rng",
+           "validate_records", "check_records"]
 
 
 class DataError(RecordError):
@@ -117,18 +129,13 @@ class Example:
     truncated: bool = False
 
 
-def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=None, epoch: int = 0,
-                   image_config: ImageConfig | None = None) -> Example:
-    """One record -> an `Example` (text with marker phrases, ids, labels, marked and preprocessed images).
-
-    processor: a `vipllava_jax.data.Processor` (its tokenizer and image settings; `image_config`
-      overrides the latter). cfg: a DataConfig (resolved against the processor here if needed).
-    image_folder: image paths are relative to it (absolute paths are taken as they are).
-    epoch: with cfg.seed and the record id, seeds the marker draw.
-    Raises DataError (bad record) or ExampleDropped (too long / nothing to learn).
-    """
-    cfg = cfg.resolve(processor)
-    tok = processor.tokenizer
+def _parse_record(record: dict, cfg: DataConfig) -> tuple[str, list[list[str]], list[str], list, Sequence]:
+    """(record id, turns, image paths, regions, marker kinds) of a record, every check on its structure that
+    needs neither the tokenizer nor the images' pixels: turns, image paths, <image> tags against images (a
+    record with images and no tag gets them prepended to its first turn), <bboxN> against regions, region
+    values, marker kinds. Raises DataError. Shared by `encode_example` and `validate_records`."""
+    if not isinstance(record, dict):
+        raise DataError(None, f"must be an object with a 'conversations' list, got {type(record).__name__}")
     rid = record_id(record)
     turns = parse_turns(record, rid, DataError)
     paths = image_paths(record, rid, DataError)
@@ -143,13 +150,34 @@ def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=Non
                              f"({', '.join(paths) if paths else 'no image field'})")
     if len(paths) > cfg.max_images_per_example:
         raise DataError(rid, f"{len(paths)} images, more than max_images_per_example={cfg.max_images_per_example}")
+    regions, _ = parse_regions(record, rid, [t for qa in turns for t in qa], bool(paths), DataError)
+    kinds = record.get("marker_kinds") or cfg.marker_kinds or vp.MARKER_KINDS
+    if not isinstance(kinds, (list, tuple)) or any(k not in vp.MARKER_KINDS for k in kinds):
+        raise DataError(rid, f"marker_kinds {kinds!r}: use {', '.join(vp.MARKER_KINDS)}")
+    return rid, turns, paths, regions, kinds
+
+
+def _image_path(image_folder, rel: str) -> Path:
+    """Where an image path of a record points: relative to `image_folder` unless absolute."""
+    return Path(rel) if image_folder is None or os.path.isabs(rel) else Path(image_folder) / rel
+
+
+def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=None, epoch: int = 0,
+                   image_config: ImageConfig | None = None) -> Example:
+    """One record -> an `Example` (text with marker phrases, ids, labels, marked and preprocessed images).
+
+    processor: a `vipllava_jax.data.Processor` (its tokenizer and image settings; `image_config`
+      overrides the latter). cfg: a DataConfig (resolved against the processor here if needed).
+    image_folder: image paths are relative to it (absolute paths are taken as they are).
+    epoch: with cfg.seed and the record id, seeds the marker draw.
+    Raises DataError (bad record) or ExampleDropped (too long / nothing to learn).
+    """
+    cfg = cfg.resolve(processor)
+    tok = processor.tokenizer
+    rid, turns, paths, regions, kinds = _parse_record(record, cfg)
 
     # Markers: kind and colours first (they make the text), geometry once the image size is known.
     rng = example_rng(cfg.seed, epoch, rid)
-    regions, _ = parse_regions(record, rid, [t for qa in turns for t in qa], bool(paths), DataError)
-    kinds = record.get("marker_kinds") or cfg.marker_kinds or vp.MARKER_KINDS
-    if any(k not in vp.MARKER_KINDS for k in kinds):
-        raise DataError(rid, f"marker_kinds {kinds!r}: use {', '.join(vp.MARKER_KINDS)}")
     styles: list[MarkerStyle] = sample_styles(rng, kinds, len(regions)) if regions else []
     if styles:
         phrases = [s.phrase for s in styles]
@@ -210,9 +238,8 @@ def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=Non
     icfg = image_config or processor.image_config
     pixels = []
     markers_info = [(s.kind, s.color, s.phrase) for s in styles]
-    folder = Path(image_folder) if image_folder is not None else None
     for i, rel in enumerate(paths):
-        path = Path(rel) if folder is None or os.path.isabs(rel) else folder / rel
+        path = _image_path(image_folder, rel)
         try:
             img = load_image(os.fspath(path))
         except FileNotFoundError:
@@ -234,3 +261,141 @@ def encode_example(record: dict, processor, cfg: DataConfig, *, image_folder=Non
     return Example(rid, ids_a.astype(np.int32), labels_a.astype(np.int32), pixel_values, text, markers_info,
                    int(epoch), truncated)
 
+
+# --- the check before training -----------------------------------------------------------------------------------
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (load_image applies them)
+
+
+class BadRecordsError(DataError):
+    """Bad records found before training (`check_records`): one line naming each (up to a limit) by index and id.
+    problems: [(index, DataError)], every one found."""
+
+    def __init__(self, message: str, problems=()):
+        self.problems = list(problems)
+        self.record_id = self.problems[0][1].record_id if self.problems else None
+        ValueError.__init__(self, message)
+
+
+class _Images:
+    """What `validate_records` learns about each image path, asked once per path: does it exist (a stat), and
+    for region records the size from the file's header (no pixel decoding)."""
+
+    def __init__(self, image_folder):
+        self.folder = image_folder
+        self._exists: dict[str, str | None] = {}
+        self._size: dict[str, tuple | str] = {}
+
+    def missing(self, rel: str) -> str | None:
+        """None when the image file is there, else what encode_example would say."""
+        if rel not in self._exists:
+            path = _image_path(self.folder, rel)
+            if path.is_file():
+                self._exists[rel] = None
+            elif path.exists():
+                self._exists[rel] = f"cannot read image {path}: it is a directory"
+            else:
+                self._exists[rel] = f"image not found: {path}"
+        return self._exists[rel]
+
+    def size(self, rel: str):
+        """(width, height) as load_image will see it (EXIF orientation applied), or an error message."""
+        if rel not in self._size:
+            path = _image_path(self.folder, rel)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", Image.DecompressionBombWarning)
+                    im = Image.open(path)
+                with im:
+                    w, h = im.size
+                    if im.getexif().get(0x0112) in _ROTATED:
+                        w, h = h, w
+                if any(issubclass(c.category, Image.DecompressionBombWarning) for c in caught):
+                    raise ValueError(f"{w}x{h} = {w * h} pixels exceeds Pillow's limit PIL.Image.MAX_IMAGE_PIXELS="
+                                     f"{Image.MAX_IMAGE_PIXELS}")
+                self._size[rel] = (w, h)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                self._size[rel] = f"cannot read image {path}: {type(e).__name__}: {e}"
+        return self._size[rel]
+
+
+def _polygons_have_area(polygons, size) -> bool:
+    """polygon_mask(polygons, size).any(), without drawing when a vertex of a drawn polygon lies on the image
+    (polygon_mask draws its outline too, so at least that pixel)."""
+    w, h = size
+    for p in polygons:
+        if len(p) >= 6 and len(p) % 2 == 0 and any(0 <= x <= w - 1 and 0 <= y <= h - 1
+                                                     for x, y in zip(p[0::2], p[1::2])):
+            return True
+    return bool(polygon_mask(polygons, size).any())
+
+
+def _check_regions(rid, regions, size, path) -> None:
+    """The geometry checks `make_markers` makes once the image size is known (a segmentation or box with no
+    area on the image), with its own functions."""
+    for i, reg in enumerate(regions):
+        try:
+            if reg.polygons and not _polygons_have_area(reg.polygons, size):
+                raise MarkerError(f"region {i}: its segmentation has no area on the {size[0]}x{size[1]} image")
+            if reg.box is not None:
+                _clip_box(reg.box, size)
+        except (MarkerError, ValueError) as e:
+            raise DataError(rid, f"cannot draw the regions on {path}: {e}") from None
+
+
+def validate_records(records, cfg: DataConfig, *, image_folder=None, progress: bool = False,
+                     desc: str = "checking records") -> tuple[list, list]:
+    """A fast pass over every record before training: (good records, problems) where problems is
+    [(index, DataError)] in record order.
+
+    Checks what `encode_example` checks, with its own functions, except what needs the tokenizer or the
+    pixels: the record's structure and turns, <image> tags against images, max_images_per_example,
+    <bboxN> placeholders against regions, region coordinates (NaN / infinite refused), marker kinds; that
+    every image file exists; and for records with regions, that each region has area on the first image (its
+    size read from the file header). Not checked here (found, as before, when the example is encoded):
+    images that exist but cannot be decoded (unless a region record's header is unreadable), tokenization
+    mismatches, and too-long examples (dropped and counted, not errors).
+    progress: a tqdm bar (shown only when the pass takes over a second).
+    """
+    images = _Images(image_folder)
+    good, problems = [], []
+    for i, record in enumerate(tqdm(records, desc=desc, unit=" records", disable=not progress, delay=1.0,
+                                    mininterval=0.5)):
+        try:
+            rid, _, paths, regions, _ = _parse_record(record, cfg)
+            for rel in paths:
+                msg = images.missing(rel)
+                if msg is not None:
+                    raise DataError(rid, msg)
+            if regions:
+                size = images.size(paths[0])
+                if isinstance(size, str):
+                    raise DataError(rid, size)
+                _check_regions(rid, regions, size, _image_path(image_folder, paths[0]))
+        except DataError as e:
+            problems.append((i, e))
+        else:
+            good.append(record)
+    return good, problems
+
+
+def check_records(records, cfg: DataConfig, *, image_folder=None, source: str = "the data",
+                  progress: bool = False, log=print, limit: int = 20) -> list:
+    """`validate_records`, then: no bad record -> `records`; bad ones and not cfg.skip_bad_examples -> one
+    `BadRecordsError` naming the first `limit` (index and id, what is wrong) and how many more; with
+    skip_bad_examples -> the good records, after one `log` line counting the bad ones. Every record bad is an
+    error either way."""
+    good, problems = validate_records(records, cfg, image_folder=image_folder, progress=progress,
+                                      desc=f"checking {Path(source).name}" if source else "checking records")
+    if not problems:
+        return list(records)
+    n, total = len(problems), len(records)
+    listed = "; ".join(f"#{i} {e}" for i, e in problems[:limit])
+    more = f"; and {n - limit} more" if n > limit else ""
+    if not good:
+        raise BadRecordsError(f"all {total} record(s) of {source} are bad: {listed}{more}", problems)
+    if not cfg.skip_bad_examples:
+        raise BadRecordsError(f"{n} bad record(s) of {total} in {source}, found before training (fix them, or "
+                              f"pass --skip-bad-examples to leave them out): {listed}{more}", problems)
+    log(f"Left out {n} bad record(s) of {total} in {source} (skip_bad_examples); the first: #{problems[0][0]} "
+        f"{problems[0][1]}")
+    return good

@@ -29,6 +29,7 @@ from ..parallel.mesh import make_mesh
 from ..parallel.shardings import param_logical_axes, param_shardings
 from .checkpointing import RunCheckpoints, abstract_like
 from .config import FIELDS, DataConfig, TrainConfig
+from .encoding import check_records
 from .export import export_hf
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .loss import IGNORE_INDEX
@@ -129,6 +130,14 @@ class Setup:
 
 
 def setup(cfg: TrainConfig) -> Setup:
+    # Every record checked before anything is loaded (structure, <image> tags, regions, that the images exist):
+    # a bad record is found now, all of them in one error, not at some step of the run.
+    show = cfg.progress and jax.process_index() == 0
+    records = check_records(load_records(cfg.data), cfg.data_config(), image_folder=cfg.image_folder,
+                            source=cfg.data, progress=show, log=_log0)
+    if cfg.eval_data:  # checked here; train() loads it again (bad ones skipped there with skip_bad_examples)
+        check_records(load_records(cfg.eval_data), cfg.data_config(), image_folder=cfg.image_folder,
+                      source=cfg.eval_data, progress=show, log=_log0)
     model_dir = resolve_model_path(cfg.model)
     devices = None
     if cfg.devices is not None:
@@ -142,7 +151,6 @@ def setup(cfg: TrainConfig) -> Setup:
         module = module.clone(dtype=jnp.bfloat16)
     processor = Processor.from_pretrained(model_dir)
     data_cfg = cfg.data_config(module.config, processor)
-    records = load_records(cfg.data)
     steps = total_steps(cfg, len(records))
     if cfg.micro_batch_size % jax.process_count():
         raise TrainError(f"batch_size / grad_accum = {cfg.micro_batch_size} rows is not divisible by the "
