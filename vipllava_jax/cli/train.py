@@ -6,11 +6,16 @@
 
 Flags override the values of --config. Running the same command again on the same --output resumes from
 its latest checkpoint. At the end RUN_DIR/hf/ holds the model as an HF directory that transformers loads.
+A checkpoint is saved every --save-interval-minutes (default 5) and every --save-every steps. Ctrl-C or
+SIGTERM: the current step finishes, a checkpoint is saved, exit 0 (a second Ctrl-C stops at once).
+Exit status: 0 done or stopped cleanly, 2 a run that cannot go on (a refused resume, a bad record, ...).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+import jax
 
 from ..data.prompts import TEMPLATES
 from ..parallel.distributed import add_distributed_args, initialize_from_args
@@ -74,7 +79,9 @@ def register(sub) -> None:
     p.add_argument("--mesh", default=S, help='device mesh, e.g. "fsdp=4,tensor=2" (default: auto)')
     p.add_argument("--devices", type=int, default=S, help="use only the first N devices (one process)")
     p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--save-every", type=int, default=S)
+    p.add_argument("--save-every", type=int, default=S, help="also save a checkpoint every K steps")
+    p.add_argument("--save-interval-minutes", type=float, default=S,
+                   help="save a checkpoint when this many minutes passed since the last one (default 5; 0: off)")
     p.add_argument("--keep", type=int, default=S, help="checkpoints to keep")
     p.add_argument("--eval-data", default=S)
     p.add_argument("--eval-every", type=int, default=S)
@@ -104,11 +111,24 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg)
     except TrainError as e:
         print(f"vipllava-jax train: error: {e}", file=sys.stderr)
-        return 1
-    last = summary["last"]
-    if last:
-        print(f"done: {summary['steps']} steps, loss {last['loss']:.4f}; model: {summary['hf']}")
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step and saves)
+        print(f"vipllava-jax train: interrupted; nothing more was saved. Run the same command again to resume from "
+              f"the last checkpoint in {cfg.output}/checkpoints", file=sys.stderr)
+        return 130
+    if jax.process_index() == 0:
+        print(summary_line(summary))
     return 0
+
+
+def summary_line(summary: dict) -> str:
+    """The run's last line: what was written (a stopped run names its checkpoint, never a model)."""
+    last = summary["last"]
+    loss = f", loss {last['loss']:.4f}" if last and "loss" in last else ""
+    if summary["stopped"]:
+        return (f"stopped at step {summary['steps']} of {summary['total_steps']}{loss}; checkpoint: "
+                f"{summary['checkpoint']}; run the same command again to resume")
+    return f"done: {summary['steps']} steps{loss}; model: {summary['hf']}"
 
 
 def main(argv=None) -> int:

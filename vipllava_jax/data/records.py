@@ -47,8 +47,13 @@ class RecordError(ValueError):
     """A bad record: `record_id` names it, the message says what (and the path)."""
 
     def __init__(self, record_id, message: str):
-        self.record_id = record_id
+        self.record_id, self.message = record_id, message
         super().__init__(f"record {record_id!r}: {message}")
+
+    def __reduce__(self):  # picklable as itself: grain's worker processes send it back to the loop
+        if "message" not in self.__dict__:  # a subclass built with other arguments
+            return super().__reduce__()
+        return type(self), (self.record_id, self.message), self.__dict__
 
 
 @dataclasses.dataclass(frozen=True)

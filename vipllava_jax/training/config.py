@@ -23,7 +23,8 @@ from .optim import OPTIMIZERS, STAGES
 DEFAULT_LR = {"projector": 1e-3, "full": 2e-5, "lora": 2e-4, "all": 1e-3}
 
 
-FLOAT_FIELDS = ("epochs", "lr", "warmup_ratio", "weight_decay", "muon_lr", "clip_norm", "lora_alpha")
+FLOAT_FIELDS = ("epochs", "lr", "warmup_ratio", "weight_decay", "muon_lr", "clip_norm", "lora_alpha",
+                "save_interval_minutes")
 
 
 def _as_tuple(v):
@@ -193,7 +194,9 @@ class TrainConfig(DataSettings):
     scan_layers: bool = True
     mesh: str = "auto"
     devices: int | None = None  # use only the first N devices (one process); None: every device
-    save_every: int | None = None
+    save_every: int | None = None  # also save every K steps (None: only on time, at a stop and at the end)
+    # save when this many minutes passed since the last save (0 or None: only on steps); either trigger saves
+    save_interval_minutes: float | None = 5.0
     keep: int = 3
     eval_data: str | None = None
     eval_every: int | None = None
@@ -227,6 +230,10 @@ class TrainConfig(DataSettings):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
+        v = self.save_interval_minutes
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not (v >= 0 and math.isfinite(v))):
+            raise ValueError(f"save_interval_minutes must be a non-negative number (0: off), got {v!r}")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
         if self.batch_size % self.grad_accum:

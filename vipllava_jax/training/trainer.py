@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -27,16 +28,18 @@ from ..data.processor import Processor
 from ..data.records import load_records
 from ..parallel.mesh import make_mesh
 from ..parallel.shardings import param_logical_axes, param_shardings
-from .checkpointing import RunCheckpoints, abstract_like
+from .checkpointing import DAMAGED_DIR, RunCheckpoints, abstract_like
 from .config import FIELDS, DataConfig, TrainConfig
-from .encoding import check_records
-from .export import export_hf
+from .encoding import DataError, check_records
+from .export import MARKER, export_hf, export_owner, read_marker
+from .fingerprint import fingerprint_change, run_fingerprint
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .loss import IGNORE_INDEX
 from .metrics import MetricsWriter
 from .optim import lr_schedule, make_optimizer, split_params
 from .pipeline import make_eval_iterator, make_train_iterator
 from .preemption import Preemption
+from .run_lock import RunInUse, RunLock
 from .step import (BATCH_KEYS, StepConfig, batch_shardings, host_batch_multiple, init_state, jit_eval_step,
                    jit_train_step, make_eval_step, make_train_step, put_batch, state_shardings,
                    tree_logical_shardings)
@@ -74,6 +77,71 @@ def check_resume(saved: dict, cfg: TrainConfig) -> None:
         raise TrainError(f"{cfg.output} holds a run with {k}={was[k]!r}, but this run has {k}={now.get(k)!r} "
                          f"({len(diffs)} setting(s) differ: {', '.join(diffs)}); use a new --output, or "
                          f"--force-resume to resume anyway")
+
+
+def check_fingerprint(saved: dict | None, now: dict, cfg: TrainConfig) -> None:
+    """Refuse a resume whose data or base model changed at the same path (see fingerprint.py), unless
+    force_resume (then the new fingerprint is recorded with the next checkpoint). A run saved before
+    fingerprints existed is not checked."""
+    if saved is None:
+        _log0(f"{cfg.output}: its checkpoint has no fingerprint of the data and model (saved by an older version): "
+              f"they are not checked")
+        return
+    change = fingerprint_change(saved, now)
+    if change is None:
+        return
+    if not cfg.force_resume:
+        raise TrainError(f"{change}; use a new --output, or --force-resume to resume anyway")
+    _log0(f"--force-resume: {change}; going on (the new fingerprint is recorded with the next checkpoint)")
+
+
+def _none_whole(ckpts: RunCheckpoints, damaged: list) -> str:
+    steps = ", ".join(str(d) for d, _ in damaged)
+    return (f"No checkpoint in {ckpts.directory} reads back whole (step(s) {steps}; step {damaged[0][0]}: "
+            f"{damaged[0][1]}); move that directory away to start afresh, or use a new --output")
+
+
+def _close_quietly(ckpts: RunCheckpoints) -> None:
+    with contextlib.suppress(Exception):
+        ckpts.close()
+    gc.collect()  # orbax's leftover tasks finalized now, not at a random later collection
+
+
+def _output_error(run_dir: Path, e: OSError) -> str:
+    """One line for a run directory that cannot be made or locked."""
+    if isinstance(e, FileExistsError) or (run_dir.exists() and not run_dir.is_dir()):
+        return f"--output {run_dir} is a file, not a directory; give a directory (it is created if absent)"
+    if isinstance(e, NotADirectoryError):
+        p = run_dir.parent
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return f"--output {run_dir} cannot be created: {p} is a file, not a directory"
+    if isinstance(e, PermissionError):
+        return f"--output {run_dir}: permission denied on {e.filename or run_dir} (cannot create or write it)"
+    return f"--output {run_dir} cannot be used: {e.strerror or e}"
+
+
+@contextlib.contextmanager
+def _run_dir_taken(run_dir: Path):
+    """Make RUN_DIR and hold its lock (process 0; the others learn the outcome) for the block; yields an
+    ExitStack the block may push its own cleanups on (they run before the lock is released)."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(RunLock(run_dir))
+            except RunInUse as e:
+                error = str(e)
+            except OSError as e:
+                error = _output_error(run_dir, e)
+        if jax.process_count() > 1:
+            ok = multihost_utils.broadcast_one_to_all(np.array(error is None, np.int32))
+            if not int(ok) and error is None:
+                error = f"process 0 could not take the run directory {run_dir} (its error says why)"
+        if error is not None:
+            raise TrainError(error)
+        yield stack
 
 
 def gather_json(obj) -> list:
@@ -224,18 +292,38 @@ def evaluate(cfg: TrainConfig, s: Setup, steps: CompiledSteps, state, records) -
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a fine-tuning job. Returns a summary: steps, stopped (preempted), last metrics, paths."""
+    """Run (or resume) a fine-tuning job. Returns a summary: steps, stopped (preempted), last metrics, paths.
+    One run at a time per RUN_DIR: the run holds a lock on it (see run_lock.py) until it returns or fails."""
     run_dir = Path(cfg.output).absolute()
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_dir_taken(run_dir) as stack:
+        return _train(cfg, run_dir, stack)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, stack: contextlib.ExitStack) -> dict:
     ckpts = RunCheckpoints(run_dir / "checkpoints", keep=cfg.keep, best_metric="eval_loss" if cfg.eval_data else None)
-    latest = ckpts.latest_step()
+    stack.push(lambda *exc: _close_quietly(ckpts) if exc[0] is not None else None)  # any error: orbax closed
+    latest, saved, damaged = ckpts.read_newest_run()
+    if damaged and latest is None:
+        raise TrainError(_none_whole(ckpts, damaged))
+    fingerprint = None
     if latest is not None:  # before loading any weights: a refused resume fails at once
-        check_resume(ckpts.read_run(latest)["config"], cfg)
+        check_resume(saved["config"], cfg)
+        fingerprint = run_fingerprint(cfg.data, cfg.eval_data, resolve_model_path(cfg.model))
+        check_fingerprint(saved.get("fingerprint"), fingerprint, cfg)
+    _refuse_foreign_export(run_dir)  # before loading anything: an hf/ this run may not replace fails at once
     s = setup(cfg)
+    if fingerprint is None:
+        fingerprint = run_fingerprint(cfg.data, cfg.eval_data, s.model_dir)
     data_state, start = None, 0
     if latest is not None:
-        state, data_state, _ = ckpts.restore(latest, abstract_like(s.abstract_state, s.state_sh))
+        at, state, data_state, _, damaged = ckpts.restore_newest(abstract_like(s.abstract_state, s.state_sh))
+        if at is None:
+            raise TrainError(_none_whole(ckpts, damaged))
+        if damaged and jax.process_index() == 0:
+            warnings.warn(f"Damaged checkpoint(s) in {ckpts.directory}: "
+                          + "; ".join(f"step {d} ({why})" for d, why in damaged)
+                          + f"; moved to {ckpts.directory.parent / DAMAGED_DIR}; resuming from step {at}, the newest "
+                            f"whole one", stacklevel=3)  # names train()'s caller
         start = int(state.step)
         _log0(f"Resuming {run_dir} from step {start}")
     else:
@@ -264,17 +352,24 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=s.steps, initial=start, desc=f"train ({cfg.stage})", dynamic_ncols=True,
                disable=not cfg.progress or jax.process_index() != 0)
     step, last, stopped = start, {}, False
+    saved_step = start or None  # the newest checkpoint this run has (a resumed run: the one it resumed from)
+    clock = _SaveClock(cfg.save_interval_minutes)
     t0, tokens = time.perf_counter(), 0
 
     pending = None  # the previous step's metrics, checked after the next step is dispatched (no stall)
 
-    def save(step, eval_loss=None):
-        nonlocal pending
+    def save(step, eval_loss=None, data_state=None):
+        """data_state: the data position to save (default: the iterator's now, after this step's reads)."""
+        nonlocal pending, saved_step
         if pending is not None:  # never save a state whose last update was not checked
             check_finite(*pending)
             pending = None
-        ckpts.save(step, state, {"processes": gather_json(it.get_state())}, {"config": cfg.to_dict(), "step": step},
+        data_state = it.get_state() if data_state is None else data_state
+        ckpts.save(step, state, {"processes": gather_json(data_state)},
+                   {"config": cfg.to_dict(), "step": step, "fingerprint": fingerprint},
                    metrics={"eval_loss": eval_loss} if eval_loss is not None else None)
+        saved_step = step
+        clock.reset()
 
     def check_finite(at: int, m) -> None:
         """Non-finite loss or gradient at step ``at``: an error, or (skip_nonfinite) skipped up to max_skips."""
@@ -291,7 +386,20 @@ def train(cfg: TrainConfig) -> dict:
     with _orbax_failures_collected(ckpts):
         try:
             while step < s.steps:
-                batch = stack_micro([next(it) for _ in range(cfg.grad_accum)], s.batch_multiple)
+                before = it.get_state()  # where the last completed step left the data
+                batch, bad = _next_batch(it, cfg.grad_accum, s.batch_multiple)
+                bad, due = _agree(bad, clock.due())  # the same on every process
+                if bad is not None:  # a record that cannot be read: save the last completed step, then stop
+                    if step > 0 and saved_step != step:
+                        save(step, data_state=before)
+                    ckpts.wait()
+                    where = (f"the checkpoint of step {step}, the last completed, is saved in "
+                             f"{ckpts.directory / str(step)}" if step > 0 else "no step was completed, no checkpoint")
+                    raise TrainError(f"Cannot read the data of step {step + 1}: {bad}; {where}. Fix that (or pass "
+                                     f"--skip-bad-examples to skip bad records) and run the same command again"
+                                     + (" to resume" if step > 0 else ""))
+                if due and saved_step != step:  # save_interval_minutes passed: save the last completed step
+                    save(step, data_state=before)
                 state, m = steps.train(state, batch)
                 step += 1
                 if pending is not None:
@@ -322,8 +430,9 @@ def train(cfg: TrainConfig) -> dict:
                 if preempt.should_stop(step):
                     save(step, eval_loss)
                     stopped = True
-                    _log0(f"Stopped at step {step} of {s.steps} (preemption); checkpoint saved in {ckpts.directory}. "
-                          f"Run the same command again to resume.")
+                    why = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}.get(preempt.reason, "preemption")
+                    _log0(f"Stopped at step {step} of {s.steps} ({why}); checkpoint saved in "
+                          f"{ckpts.directory / str(step)}. Run the same command again to resume.")
                     break
                 if (cfg.save_every and step % cfg.save_every == 0) or step == s.steps:
                     save(step, eval_loss)
@@ -349,12 +458,88 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f"Disk full while saving the checkpoint of step {step} in {ckpts.directory}; the last "
                              f"whole checkpoint is {_last_ckpt(ckpts)}. Free space and run the same command again to "
                              f"resume from it") from None
-    hf_dir = run_dir / "hf"
-    if not stopped and not hf_dir.exists():
-        export_hf(state, s.frozen, s.module.config, hf_dir, lora=s.step_cfg.lora, files_from=s.model_dir)
-        _log0(f"Wrote {hf_dir}")
+    checkpoint = str(ckpts.directory / str(saved_step)) if saved_step is not None else None
     ckpts.close()
-    return {"steps": step, "stopped": stopped, "last": last, "run_dir": str(run_dir), "hf": str(hf_dir)}
+    hf_dir = run_dir / "hf"
+    if not stopped:  # hf/ always holds the final step's weights; a stopped run writes no model
+        _export_final(s, state, run_dir, step, fresh=step > start, checkpoint=checkpoint)
+    return {"steps": step, "total_steps": s.steps, "stopped": stopped, "last": last, "run_dir": str(run_dir),
+            "hf": None if stopped else str(hf_dir), "checkpoint": checkpoint,
+            "stop_reason": (preempt.reason or "preemption") if stopped else None}
+
+
+def _foreign_export(hf_dir: Path, run_dir: Path) -> str:
+    return (f"{hf_dir} is in the way: it was not written by a run of {run_dir} (no {MARKER} naming it), and a run "
+            f"never replaces what it did not write")
+
+
+def _owner0(hf_dir: Path, run_dir: Path) -> list:
+    """[owner, the step its marker names] as process 0 sees them (a collective: all processes call it)."""
+    mine = None
+    if jax.process_index() == 0:
+        owner = export_owner(hf_dir, run_dir)
+        mine = [owner, (read_marker(hf_dir) or {}).get("step") if owner == "ours" else None]
+    return gather_json(mine)[0]
+
+
+def _refuse_foreign_export(run_dir: Path) -> None:
+    hf_dir = run_dir / "hf"
+    if _owner0(hf_dir, run_dir)[0] == "foreign":
+        raise TrainError(f"{_foreign_export(hf_dir, run_dir)}. Move it away or use another --output; nothing was "
+                         f"trained")
+
+
+def _export_final(s: Setup, state, run_dir: Path, step: int, *, fresh: bool, checkpoint: str | None) -> None:
+    """Write RUN_DIR/hf from the final state, atomically, unless it already holds this step's weights (a finished
+    run started again, nothing trained). An hf/ this run did not write is never touched: an error."""
+    hf_dir = run_dir / "hf"
+    owner, at = _owner0(hf_dir, run_dir)
+    if owner == "foreign":
+        raise TrainError(f"{_foreign_export(hf_dir, run_dir)}, so the model was not written; the final checkpoint "
+                         f"is {checkpoint}. Move it away and run the same command again to write the model")
+    if owner == "ours" and not fresh and at == step:
+        return
+    export_hf(state, s.frozen, s.module.config, hf_dir, lora=s.step_cfg.lora, files_from=s.model_dir,
+              run_dir=run_dir, step=step)
+    _log0(f"Wrote {hf_dir} (the weights of step {step})")
+
+
+_clock = time.monotonic  # the save timer's clock (tests replace it)
+
+
+class _SaveClock:
+    """`due()` is true once ``minutes`` passed since the last `reset()` (each save resets it). None or 0: never."""
+
+    def __init__(self, minutes: float | None):
+        self.seconds = minutes * 60 if minutes else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.t = _clock()
+
+    def due(self) -> bool:
+        return self.seconds is not None and _clock() - self.t >= self.seconds
+
+
+def _next_batch(it, grad_accum: int, multiple: int) -> tuple[dict | None, str | None]:
+    """(the next step's stacked micro-batches, None), or (None, the message) where a record cannot be read."""
+    try:
+        return stack_micro([next(it) for _ in range(grad_accum)], multiple), None
+    except DataError as e:
+        return None, str(e)
+
+
+def _agree(bad: str | None, due: bool) -> tuple[str | None, bool]:
+    """With several processes, one decision for all (one small collective a step): a data error on any process
+    stops every one (its message, naming the process), and process 0's clock says whether a save is due."""
+    if jax.process_count() == 1:
+        return bad, due
+    flags = np.asarray(multihost_utils.process_allgather(np.array([bad is not None, due], np.int32))).reshape(-1, 2)
+    if flags[:, 0].any():
+        msgs = gather_json(bad)
+        i = next(i for i, msg in enumerate(msgs) if msg)
+        bad = f"process {i}: {msgs[i]}"
+    return bad, bool(flags[0, 1])
 
 
 @contextlib.contextmanager
