@@ -41,7 +41,8 @@ def load_config(path) -> VipLlavaConfig:
 
 
 def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = False, remat_policy: str = "none",
-                    attn_impl: str = "auto", runtime: Runtime | None = None, progress: bool = True):
+                    attn_impl: str = "auto", runtime: Runtime | None = None, progress: bool = True,
+                    verify: bool = True):
     """Load a VipLlava model: ``(module, params)``.
 
     path: an HF directory (config.json + safetensors / sharded index / pytorch_model.bin), a hub id where a
@@ -50,6 +51,9 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     mesh: a jax.sharding.Mesh; each tensor then goes straight onto its shards.
     scan_layers, remat_policy, attn_impl: the module's `Runtime` (or give ``runtime=`` whole); the params come
     in the layout it asks for, and ``module.runtime`` holds it.
+    verify: for an orbax directory, check each file's CRC-32 against the one recorded at save before reading
+    (a damaged file is a `CheckpointError` naming it); False skips that pass over the files (the CLI's
+    --no-verify). HF directories have no checksums to check: it changes nothing there.
     """
     layout = dict(scan_layers=scan_layers, remat_policy=remat_policy, attn_impl=attn_impl)
     if runtime is None:
@@ -62,7 +66,7 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     module = VipLlavaForConditionalGeneration(cfg, runtime, dtype=jnp.float32 if dtype is None else dtype)
     scan = runtime.scan_layers
     if is_orbax_dir(p):
-        params = restore_orbax(p, cfg, dtype=dtype, mesh=mesh, scan_layers=scan)
+        params = restore_orbax(p, cfg, dtype=dtype, mesh=mesh, scan_layers=scan, verify=verify)
     else:
         shardings = flat_paths(param_shardings(cfg, mesh, scan_layers=scan)) if mesh is not None else None
         params = load_hf_params(p, cfg, dtype=dtype, shardings=shardings, progress=progress, scan_layers=scan)

@@ -1,14 +1,18 @@
-"""Orbax directories: `save_orbax` / `restore_orbax` (atomic writes, damaged files named in one line).
+"""Orbax directories: `save_orbax` / `restore_orbax` (atomic writes, checksums, damaged files named in one line).
 
-An orbax directory holds ``config.json`` (the HF config plus a ``vipllava_jax`` entry with the layout)
-and ``params/`` (an orbax StandardCheckpointer tree), plus the tokenizer files copied from the HF directory.
+An orbax directory holds ``config.json`` (the HF config plus a ``vipllava_jax`` entry with the layout),
+``params/`` (an orbax StandardCheckpointer tree), ``params_files.json`` (every file under ``params/``, its size
+and its CRC-32, written last by `save_orbax`), plus the tokenizer files copied from the HF directory.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import json
+import os
 import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -36,7 +40,8 @@ def is_orbax_dir(path) -> bool:
 def save_orbax(params: dict, config: VipLlavaConfig, out_dir, *, tokenizer_from=None, overwrite: bool = False) -> Path:
     """Save params + config (and the params' layout: stacked for ``nn.scan`` or not, read from the tree). Written
     into a temporary sibling and swapped into place (see `atomic.atomic_output_dir`): ``out_dir`` is at every
-    moment the old checkpoint or the new one, whole."""
+    moment the old checkpoint or the new one, whole. ``params_files.json`` records each file's size and CRC-32
+    (computed by process 0 after orbax has finished, reading the files back), which `restore_orbax` checks."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         with held_stderr(drop_if=is_disk_full):
             ckptr = ocp.StandardCheckpointer()
@@ -52,32 +57,123 @@ def save_orbax(params: dict, config: VipLlavaConfig, out_dir, *, tokenizer_from=
                                "dtypes": sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})}
             with open(tmp / "config.json", "w") as f:
                 json.dump(cfg, f, indent=2)
-            with open(tmp / FILE_LIST, "w") as f:
-                json.dump(_list_files(tmp / "params"), f, indent=0)
+            with open(tmp / FILE_LIST, "w") as f:  # one line a file
+                f.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}"
+                                             for k, v in _list_files(tmp / "params").items()) + "\n}\n")
             if tokenizer_from is not None:
                 copy_tokenizer_files(tokenizer_from, tmp)
     return Path(out_dir).absolute()
 
 
 ORBAX_REQUIRED = ("params/_METADATA", "params/manifest.ocdbt")
-FILE_LIST = "params_files.json"  # every file under params/ and its size, written by save_orbax
+# Every file under params/, its size and its checksum, written by save_orbax: {"params/...": {"size": N,
+# "crc32": "8 hex digits"}}. Directories written before checksums hold {"params/...": N} (sizes only).
+FILE_LIST = "params_files.json"
+CHECKSUM = "crc32"  # zlib's CRC-32 (stdlib, about 2 GB/s a core; it releases the GIL, so files hash in parallel)
+_CHUNK = 16 << 20  # bytes read at a time: a file is never read whole into memory
 
 
-def _list_files(d: Path) -> dict[str, int]:
-    return {str(f.relative_to(d.parent)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file()}
+def _crc32(f: Path) -> str:
+    crc, buf = 0, bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(f, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc:08x}"
+
+
+def _checksums(files: list[Path]) -> list[str]:
+    """CRC-32 of each file, several files at a time (reads and zlib.crc32 run outside the GIL)."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(files)))
+    if workers == 1:
+        return [_crc32(f) for f in files]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(_crc32, files))
+
+
+def _list_files(d: Path, checksum: bool = True) -> dict[str, dict]:
+    """``{"params/...": {"size": N, "crc32": "..."}}`` for every file under ``d`` (no "crc32" without checksum)."""
+    files = [f for f in sorted(d.rglob("*")) if f.is_file()]
+    sums = _checksums(files) if checksum else [None] * len(files)
+    out = {}
+    for f, crc in zip(files, sums):
+        out[str(f.relative_to(d.parent))] = {"size": f.stat().st_size} if crc is None else \
+            {"size": f.stat().st_size, CHECKSUM: crc}
+    return out
+
+
+def _read_file_list(path: Path) -> dict[str, tuple[int, str | None]] | CheckpointError | None:
+    """params_files.json as ``{rel: (size, crc32 or None)}``; None when there is none (a directory written
+    before save_orbax listed its files), a `CheckpointError` when it cannot be read."""
+    listed = path / FILE_LIST
+    if not listed.is_file():
+        return None
+    try:
+        raw = json.loads(listed.read_text())
+    except (OSError, ValueError):
+        return CheckpointError(f"Damaged orbax checkpoint {path}: {FILE_LIST} is not valid JSON")
+    out = {}
+    for rel, v in raw.items() if isinstance(raw, dict) else ():
+        if isinstance(v, dict):
+            size, crc = v.get("size"), v.get(CHECKSUM)
+        else:  # the first format: sizes only
+            size, crc = v, None
+        if type(size) is not int or not (crc is None or isinstance(crc, str)) or ".." in Path(rel).parts:
+            break
+        out[rel] = (size, crc)
+    else:
+        if isinstance(raw, dict):
+            return out
+    return CheckpointError(f"Damaged orbax checkpoint {path}: {FILE_LIST} is not a list of files, sizes and "
+                           f"checksums")
+
+
+def _bad_checksum(path: Path) -> CheckpointError | None:
+    """The first file whose CRC-32 is not the one params_files.json recorded, as one `CheckpointError`; None
+    when all agree (or nothing was recorded: a directory written before checksums, or before file lists)."""
+    listed = _read_file_list(path)
+    if not isinstance(listed, dict):
+        return listed
+    todo = [(rel, crc) for rel, (_, crc) in listed.items() if crc is not None]
+    for (rel, want), got in zip(todo, _checksums([path / rel for rel, _ in todo])):
+        if got != want:
+            return CheckpointError(
+                f"Damaged orbax checkpoint {path}: {rel} checksum mismatch ({CHECKSUM} {got}, written as {want}): "
+                f"the file was changed or damaged after it was written; re-convert the checkpoint, or pass "
+                f"--no-verify (verify=False in Python) to load it anyway")
+    return None
+
+
+def _plain(e: BaseException) -> str:
+    """An exception chain's most telling message, made one line of plain words: tensorstore's own error (the
+    innermost of the chain) rather than orbax's wrapper, and no object reprs (orbax ends its messages with the
+    repr of a pybind11 bound method spanning dozens of lines)."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for x in reversed(chain):  # innermost first
+        text = str(x).split(" See full TensorStore details", 1)[0]
+        text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+        while re.search(r"<[^<>]*>", text):
+            text = re.sub(r"\s*<[^<>]*>", "", text)
+        text = " ".join(text.split()).rstrip(" :;,.")
+        if text:
+            text = f"{type(x).__name__}: {text}"
+            return text if len(text) <= 300 else text[:297].rstrip() + "..."
+    return f"{type(chain[0]).__name__}" if chain else "unreadable"
 
 
 def _damaged_orbax(path: Path, e: BaseException | None) -> CheckpointError | None:
     """One line naming the orbax directory and the file that is missing or damaged: a file of the list
     save_orbax wrote absent or of another size, a required file absent or empty, else a file named in the
     error, else the error's first line. None (with no error given) when nothing is seen wrong."""
-    listed = path / FILE_LIST
-    if listed.is_file():
-        try:
-            sizes = json.loads(listed.read_text())
-        except (OSError, ValueError):
-            return CheckpointError(f"Damaged orbax checkpoint {path}: {FILE_LIST} is not valid JSON")
-        for rel, size in sizes.items():
+    listed = _read_file_list(path)
+    if isinstance(listed, CheckpointError):
+        return listed
+    if listed is not None:
+        for rel, (size, _) in listed.items():
             f = path / rel
             if not f.is_file():
                 return CheckpointError(f"Damaged orbax checkpoint {path}: {rel} is missing")
@@ -95,17 +191,25 @@ def _damaged_orbax(path: Path, e: BaseException | None) -> CheckpointError | Non
         return CheckpointError(f"Damaged orbax checkpoint {path}: params/{m.group(0)} is missing or truncated")
     if e is None:
         return None
-    first = text.strip().splitlines()[0][:300] if text.strip() else "unreadable"
-    return CheckpointError(f"Damaged orbax checkpoint {path}: a file under params/ is missing or truncated ({first})")
+    return CheckpointError(f"Damaged orbax checkpoint {path}: a file under params/ is missing, truncated or "
+                           f"damaged ({_plain(e)}); re-convert the checkpoint")
 
 
-def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None, scan_layers: bool = False) -> dict:
+def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None, scan_layers: bool = False,
+                  verify: bool = True) -> dict:
     """Restore ``params`` of an orbax directory, in the layout ``scan_layers`` asks for (whatever the saved one),
     on ``mesh`` if given. A damaged directory (a data file, ``manifest.ocdbt`` or
     ``_METADATA`` missing or truncated) is one `CheckpointError` naming it and the file; the hundreds of lines
-    orbax's background threads print meanwhile are held back."""
+    orbax's background threads print meanwhile are held back.
+
+    verify: first check every file's CRC-32 against the one ``params_files.json`` recorded at save (the whole
+    checkpoint is read once more; see README for the cost), so that a file damaged in place, at its size, is
+    refused naming it rather than loaded as weights. With several processes each one checks every file.
+    False skips it (sizes are still checked); directories written before checksums are checked by size only."""
     path = Path(path).absolute()
     bad = _damaged_orbax(path, None)  # a few stats: fail before orbax starts its threads
+    if bad is None and verify:
+        bad = _bad_checksum(path)
     if bad is not None:
         raise bad
     check_mesh(config, mesh)

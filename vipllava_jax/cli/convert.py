@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--scan-layers", action="store_true", help="store layers stacked for nn.scan (training layout)")
     p.add_argument("--to-hf", action="store_true", help="write an HF safetensors directory instead")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-verify", action="store_true",
+                   help="an orbax SRC: skip checking each file's checksum before reading it")
     p.set_defaults(func=run)
 
 
@@ -27,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     dtype = None if dtype is None else jnp.dtype(dtype)
     src = resolve_model_path(args.src)
-    module, params = load_pretrained(src, dtype=dtype, scan_layers=args.scan_layers and not args.to_hf)
+    module, params = load_pretrained(src, dtype=dtype, scan_layers=args.scan_layers and not args.to_hf,
+                                     verify=not args.no_verify)
     if args.to_hf:
         out = save_hf(params, module.config, args.out, extra_files_from=src, overwrite=args.overwrite)
     else:
