@@ -184,3 +184,43 @@ def test_submit_checks_queue_full_and_stop(tiny_model, processor):
     assert a.finish_reason == b.finish_reason == "cancelled" and a.done and b.done
     with pytest.raises(EngineStopped):
         eng.submit(ids, max_new_tokens=3)
+
+
+@pytest.mark.slow
+def test_stress_32_mixed_requests(tiny_model, processor):
+    """Slow twin of test_greedy_equals_generate_alone_with_staggered_requests (and of the cancel test): 32
+    requests on 8 slots, greedy and sampled (equal to `generate` with the same seed), text and images, submitted
+    in random bursts, some cancelled mid-decode (their tokens a prefix of the whole answer); no compile after
+    warm-up."""
+    module, params = tiny_model
+    eng = Engine(module, params, processor, max_batch=8, max_model_len=64, chunk=4, prefill_buckets=(32, 64),
+                 max_queue=32).start()
+    assert eng.wait_ready(300)
+    programs = eng.compile_count()
+    rng = np.random.default_rng(7)
+    jobs = []
+    for i in range(32):
+        image = bool(rng.integers(2))
+        ids, pix = make_prompt(rng, int(rng.integers(1, 3)) if image else int(rng.integers(2, 15)), image)
+        sample = i % 3 == 0
+        kw = dict(temperature=1.3, top_p=0.9, seed=100 + i) if sample else {}
+        jobs.append((ids, pix, int(rng.integers(1, 17)), kw, i % 7 == 3))
+    reqs = []
+    for i, (ids, pix, m, kw, cancel) in enumerate(jobs):
+        reqs.append(eng.submit(ids, pix, max_new_tokens=m, eos_token_id=[], **kw))
+        if rng.random() < 0.3:
+            time.sleep(float(rng.random()) * 0.05)
+    for r, (_, _, m, _, cancel) in zip(reqs, jobs):
+        if cancel and m > 8:
+            r.cancel()
+    for r, (ids, pix, m, kw, cancel) in zip(reqs, jobs):
+        assert r.wait(300) and r.finish_reason in ("length", "cancelled")
+        got = r.tokens
+        samp = dict(do_sample=True, temperature=kw["temperature"], top_p=kw["top_p"], seed=kw["seed"]) if kw else {}
+        want = generate(module, params, ids[None], pix, max_new_tokens=m, eos_token_id=[], **samp)[0].tolist()
+        if r.finish_reason == "cancelled":
+            assert got == want[: len(got)]
+        else:
+            assert r.finish_reason == "length" and got == want, f"request {r.id}"
+    assert eng.compile_count() == programs
+    eng.stop(5)

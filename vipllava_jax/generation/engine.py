@@ -72,6 +72,12 @@ How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket,
 * A request needs prompt + new - 1 ring slots; the ring holds S, so requests never overwrite their own
   tokens. Greedy output equals `generate` for that request alone, whatever runs beside it (rows never mix:
   RoPE positions are per slot; attention only reads the row's own mask).
+* Cost: every decode step runs all B slots (inactive ones masked, not skipped) and attends over the whole
+  S-slot row of each, so a step costs the same at 1 request as at B, and its cache reads grow with
+  max_model_len, not with the requests' lengths: size B and S to the load. Measured (2-core shared CPU, the demo
+  model, 147-token prompt with an image, 64 new tokens, B 16, S 256, chunk 8): 1 request ~470 tok/s,
+  16 concurrent ~4,400 tok/s (`generate` alone: 4,200 tok/s at batch 1, 7,300 at batch 16).
+  Left to do: decode over a bucket of the lowest slots when few are busy; batched admission.
 * The host loop is ``plan = self._plan()`` (all scheduling decisions: admissions into free slots, which slots
   decode, cancellations, the stop) then ``self._execute(plan)`` (device calls and token delivery). For
   multi-host serving, process 0 would make the plan (with the admitted requests' arrays) and broadcast it, and
