@@ -475,3 +475,33 @@ def test_cli_chat_non_utf8_question_is_replaced_and_said(hf, photo):
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == 0, err
     assert "[warning: the question was not valid UTF-8 (byte 0xe9 at 3); undecodable bytes replaced with" in err
+
+
+def test_cli_chat_outgrowing_the_context_drops_the_oldest_turn_and_goes_on(hf, photo, capsys, monkeypatch):
+    """A conversation longer than the context (256 tokens, one character a token here) does not end the session:
+    the oldest turn is dropped with one notice, the image stays (now with the oldest turn kept) and the next line
+    is answered; a question too long even alone is one error line and the session goes on; /reset starts over.
+    (Every prompt is 230 tokens: one length bucket, one compile.)"""
+    import io
+    import vipllava_jax.cli.generate as cg
+    prompts = []
+
+    def recording(module, params, proc, text, images, **kw):
+        prompts.append(text)
+        return real(module, params, proc, text, images, **kw)
+    real = cg.generate_text_stream
+    monkeypatch.setattr(cg, "generate_text_stream", recording)
+    q1, q2, q3 = (f"question {i}: " + "abcdefghij" * 17 for i in (1, 2, 3))  # 180 characters each
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join([q2, "x" * 300, "/reset", q3]) + "\n"))
+    rc, out, err = cli(capsys, "--model", hf, "--image", photo, "--prompt", q1, "--chat", "--max-new-tokens",
+                       2, "--stop", "@@@")
+    assert rc == 0, err
+    assert out.count("\n") == 3 and len(prompts) == 3, (prompts, out)
+    assert [p.startswith("###Human: <image>\n") for p in prompts] == [True] * 3
+    assert prompts[1] == f"###Human: <image>\n{q2}###Assistant:"  # question 1 dropped, the image kept
+    assert prompts[2] == f"###Human: <image>\n{q3}###Assistant:"
+    lines = err.splitlines()
+    assert sum(ln.startswith("[context full: the oldest 1 turn(s) dropped (") for ln in lines) == 1, err
+    assert "error: the question does not fit: the prompt is 350 tokens and the model's context 256, leaving room " \
+           "for 0 new token(s) where 2 are wanted; ask a shorter question" in lines, err
+    assert any(ln.startswith("[conversation reset") for ln in lines), err

@@ -20,7 +20,10 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"No config.json in {model_dir}")
     try:
         with open(p, "rb") as f:
-            d = json.loads(f.read())
+            raw = f.read()
+        if not raw.strip():
+            raise CheckpointError(f"{p} is empty: it should hold the model's config (a JSON object)")
+        d = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(d, dict):

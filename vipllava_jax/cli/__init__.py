@@ -20,7 +20,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
+        # A clear error (bad input, a path that cannot be used): one line, exit 2. A genuine failure (selfcheck
+        # finding a mismatch) returns 1 from its command; anything unforeseen keeps its traceback.
         print(f"vipllava-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES
-from ..evals.evaluation import METRICS, evaluate, load_eval_records, write_answers, write_vipbench_results
+from ..evals.evaluation import (METRICS, check_output_path, check_unique_question_ids, evaluate, load_eval_records,
+                                write_answers, write_vipbench_results)
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
 from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
 
@@ -29,6 +31,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="batched greedy evaluation on a dataset or ViP-Bench questions",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF model directory, hub id, or orbax directory")
+    p.add_argument("--no-verify", action="store_true",
+                   help="orbax directory: skip checking each file's checksum before loading (faster; a file "
+                        "damaged in place then loads as weights)")
     p.add_argument("--data", required=True, help="training-format JSON/JSONL or a ViP-Bench questions file")
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     p.add_argument("--output", required=True, help="answers file to write (JSONL, model_vqa's keys)")
@@ -57,14 +62,25 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, got {args.batch_size}, "
                          f"{args.max_new_tokens}")
+    # Everything that can be checked is checked before any work: the output paths, the model's config.json
+    # (before the tokenizer, which would blame itself for a bad config), the data and the meta-data.
+    check_output_path(args.output, "--output")
+    if args.vipbench_results:
+        check_output_path(args.vipbench_results, "--vipbench-results")
+        if Path(args.vipbench_results).absolute() == Path(args.output).absolute():
+            raise ValueError(f"--output and --vipbench-results are the same file ({args.output}): give two names")
     model_dir = resolve_model_path(args.model)
+    config = load_config(model_dir)
     proc = Processor.from_pretrained(model_dir, pad_to_square=args.pad_to_square)
     records = load_eval_records(args.data, meta=args.meta)  # a bad file fails before loading weights
+    if args.vipbench_results:
+        check_unique_question_ids(records, args.data)
     dtype = auto_dtype(args.dtype)
     mesh = None
     if jax.device_count() > 1 or args.mesh not in (None, "", "auto"):
-        mesh = mesh_from_args(args, load_config(model_dir))
-    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process())
+        mesh = mesh_from_args(args, config)
+    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process(),
+                                     verify=not args.no_verify)
     answers, score, stats = evaluate(
         module, params, proc, records, image_folder=args.image_folder, batch_size=args.batch_size,
         metric=args.metric, max_new_tokens=args.max_new_tokens, template=args.prompt_style, mesh=mesh,

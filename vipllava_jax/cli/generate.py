@@ -51,11 +51,16 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="answer a prompt about images (streams the answer)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF model directory, hub id, or orbax directory")
+    p.add_argument("--no-verify", action="store_true",
+                   help="orbax directory: skip checking each file's checksum before loading (faster; a file "
+                        "damaged in place then loads as weights)")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeat for several)")
     p.add_argument("--prompt", action="append", default=None,
                    help="the question (repeat for a batch of prompts about the same images); '<bbox>' is "
                         "replaced by the first marker's phrase, e.g. 'within the red rectangle'")
-    p.add_argument("--chat", action="store_true", help="keep a conversation: read follow-up questions from stdin")
+    p.add_argument("--chat", action="store_true",
+                   help="keep a conversation: read follow-up questions from stdin (an empty line or 'exit' ends "
+                        "it, '/reset' starts over; when the context is full the oldest turns are dropped)")
     p.add_argument("--system", default=None, help="system text (default: the checkpoint's llava_v0 system prompt)")
     p.add_argument("--prompt-style", choices=("llava_v0", "llava_v1"), default="llava_v0",
                    help="llava_v0 (HF model card, default) or llava_v1 (original training / ViP-Bench)")
@@ -184,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Inputs first: a bad image or a missing tokenizer fails before minutes of loading weights.
     model_dir = resolve_model_path(args.model)
+    config = load_config(model_dir)  # config.json first: a bad one is named, not blamed on the tokenizer
     proc = Processor.from_pretrained(model_dir, pad_to_square=args.pad_to_square)
     images = [load_image(src) for src in args.image]
     phrase = None
@@ -199,9 +205,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = auto_dtype(args.dtype)
     mesh = None
     if jax.device_count() > 1 or args.mesh not in (None, "", "auto"):
-        mesh = mesh_from_args(args, load_config(model_dir))
+        mesh = mesh_from_args(args, config)
     t0 = time.perf_counter()
-    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process())
+    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process(),
+                                     verify=not args.no_verify)
     if is_main_process():
         print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)
@@ -227,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"### {q}\n{answer}\n")
         return 0
 
+    def prompt_for(turns):  # the images always go with the oldest turn kept
+        return build_prompt(turns, [len(images)] + [0] * (len(turns) - 1), system=system, style=args.prompt_style)
+
     turns: list[tuple[str, str | None]] = []
     first = args.prompt[0] if args.prompt else None
     while True:
@@ -234,9 +244,21 @@ def run(args: argparse.Namespace) -> int:
         first = None
         if q is None:
             return 0
-        turns.append((question(q), None))
-        counts = [len(images)] + [0] * (len(turns) - 1)
-        text = build_prompt(turns, counts, system=system, style=args.prompt_style)
+        if args.chat and q == "/reset":
+            turns.clear()
+            _notice("[conversation reset: the next question starts over with the same image(s)]")
+            continue
+        try:
+            turns.append((question(q), None))
+            text = _fit_chat(turns, prompt_for, proc, images, module.config.text.max_position_embeddings,
+                             args.max_new_tokens) if args.chat else prompt_for(turns)
+        except ValueError as e:
+            if not args.chat:
+                raise
+            if turns and turns[-1][1] is None:  # the question is not kept; the conversation goes on
+                turns.pop()
+            _notice(f"error: {e}")
+            continue
         answer = []
         for piece in generate_text_stream(module, params, proc, text, images,
                                           chunk_size=10**9 if args.no_stream else 8, **gen):
@@ -248,6 +270,38 @@ def run(args: argparse.Namespace) -> int:
         turns[-1] = (turns[-1][0], "".join(answer).strip())
         if not args.chat:
             return 0
+
+
+def _notice(line: str) -> None:
+    if is_main_process():
+        print(line, file=sys.stderr, flush=True)
+
+
+def _fit_chat(turns: list, prompt_for, proc, images, context: int, max_new_tokens: int | None) -> str:
+    """The chat prompt for `turns` (the last one unanswered), made to fit the model's context: while it leaves
+    less room than wanted (--max-new-tokens, or by default min(256, context / 4)), the oldest turn is dropped
+    (the images and the system prompt stay; one notice line says so). A question that does not fit even alone
+    is a ValueError (the session reports it and goes on)."""
+    want = max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, max(1, context // 4))
+    dropped = 0
+    while True:
+        text = prompt_for(turns)
+        n = int(proc([text], images, max_length=sys.maxsize)["attention_mask"].sum())
+        if len(turns) == 1:
+            need = max_new_tokens or 1  # the default is lowered to what fits, as outside the chat
+            if context - n < need:
+                raise ValueError(f"the question does not fit: the prompt is {n} tokens and the model's context "
+                                 f"{context}, leaving room for {max(0, context - n)} new token(s) where {need} "
+                                 f"are wanted; ask a shorter question")
+            break
+        if context - n >= want:
+            break
+        del turns[0]
+        dropped += 1
+    if dropped:
+        _notice(f"[context full: the oldest {dropped} turn(s) dropped ({n} of {context} tokens now used); the "
+                f"image(s) and the system prompt stay; /reset starts over]")
+    return text
 
 
 def check_text(s: str, what: str) -> str:

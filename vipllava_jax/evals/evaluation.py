@@ -34,7 +34,8 @@ Answers (`write_answers`): one JSON object per line, exactly the keys ViP-LLaVA'
 ``metadata`` (here: the ground truth and this record's score, the image, the record's question type / category
 when it has one). `write_vipbench_results` turns them into the ``{"v1_<question_id>": text}`` JSON that
 ViP-LLaVA's ``scripts/convert_vipbench_for_eval.py`` makes and its GPT-4 grader (``vip-bench_evaluator.py``)
-and evaluation server read.
+and evaluation server read; two answers with one question_id are refused there (one would be lost). Both files
+are written atomically, through a fresh ``<name>.tmp-<pid>-<random>`` beside them.
 
 Metrics (`score_answer`): ``exact`` (normalised: case, whitespace, surrounding punctuation; any ``<OR>``
 alternative), ``contains`` (ViP-Bench's ``<AND>`` / ``<OR>``: some ``<OR>`` alternative has all its
@@ -61,6 +62,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..checkpoints.atomic import unique_token
 from ..data import visual_prompts as vp
 from ..data.images import load_image
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, build_prompt, stop_for_template
@@ -70,7 +72,8 @@ from ..generation.text import generate_text
 
 __all__ = [
     "METRICS", "EvalError", "EvalRecord", "evaluate", "load_eval_records", "parse_record", "score_answer",
-    "normalize_answer", "draw_regions", "find_vipbench_meta", "write_answers", "write_vipbench_results",
+    "normalize_answer", "draw_regions", "find_vipbench_meta", "read_vipbench_meta", "check_unique_question_ids",
+    "check_output_path", "write_answers", "write_vipbench_results",
 ]
 
 METRICS = ("exact", "contains", "choice")
@@ -267,16 +270,62 @@ def find_vipbench_meta(questions_path) -> Path | None:
     return None
 
 
+def read_vipbench_meta(meta) -> dict:
+    """ViP-Bench's meta-data, a path or a dict, checked: a JSON object whose entries are objects
+    (``{"v1_<question_id>": {"answer": ...}, ...}``). Anything else is a ValueError naming the file (and the
+    first bad entry), rather than an AttributeError deep in the scoring."""
+    where = "the meta-data" if isinstance(meta, dict) else str(meta)
+    if not isinstance(meta, dict):
+        p = Path(meta)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"ViP-Bench meta-data file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"Cannot read the ViP-Bench meta-data file {p}: {e}") from None
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e}); --meta wants ViP-Bench's {VIPBENCH_META}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: a JSON {type(meta).__name__}, not ViP-Bench's meta-data (an object "
+                         f'{{"v1_<question_id>": {{"answer": ...}}, ...}})')
+    for k, v in meta.items():
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: entry {k!r} is a JSON {type(v).__name__}, not an object with an "
+                             f'"answer" (ViP-Bench\'s meta-data maps "v1_<question_id>" to {{"answer": ...}})')
+    return meta
+
+
+def check_unique_question_ids(records, what: str = "the data") -> None:
+    """ViP-Bench's results JSON keys each answer by ``v1_<question_id>``: two records with the same id (2 and
+    "2" too) would keep one answer of the two. Raises ValueError naming the id and both records (counted from
+    1 in `what`)."""
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            continue
+        key = f"v1_{_rid(r)}"
+        if key in seen:
+            raise ValueError(f"{what}: question_id {_rid(r)!r} appears twice (records {seen[key]} and {i}, "
+                             f"counting from 1): ViP-Bench's results JSON keys answers by v1_<question_id>, so one "
+                             f"answer would be lost; give each question its own id")
+        seen[key] = i
+
+
 def load_eval_records(path, *, meta=None) -> list[dict]:
     """Records from a training-format JSON / JSONL or a ViP-Bench questions.jsonl. For ViP-Bench lines the
-    ground truth is copied in as "answer" from `meta` (a path or dict; default: `find_vipbench_meta`)."""
+    ground truth is copied in as "answer" from `meta` (a path or dict, checked by `read_vipbench_meta`;
+    default: `find_vipbench_meta`)."""
     path = Path(path)
+    if meta is not None:  # a given file is checked whatever the data
+        meta = read_vipbench_meta(meta)
     records = read_json_or_jsonl(path)
     if any(isinstance(r, dict) and "conversations" not in r and "text" in r for r in records):
         if meta is None:
             meta = find_vipbench_meta(path)
-        if meta is not None and not isinstance(meta, dict):
-            meta = json.loads(Path(meta).read_text(encoding="utf-8"))
+            if meta is not None:
+                meta = read_vipbench_meta(meta)
         if meta:
             records = [dict(r, answer=(meta.get(f"v1_{r.get('question_id')}") or {}).get("answer"))
                        if isinstance(r, dict) and "text" in r and r.get("answer") is None else r for r in records]
@@ -298,28 +347,54 @@ def _answer_id(model_id: str, qid, text: str) -> str:
     return "".join(out)
 
 
+def check_output_path(path, what: str = "the output") -> Path:
+    """Refuse, before any work, an output file that cannot be written: a directory, or a path below a file.
+    Missing parent directories are fine (the writers create them)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory: give a file name")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{what} {path} cannot be written: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path} cannot be written: {parent} is not writable")
+    return path
+
+
+def _write_atomically(path, write) -> Path:
+    """`write(f)` into a fresh temporary file beside `path` (``<name>.tmp-<pid>-<random>``, created
+    exclusively: never a file the user has), then renamed over `path`; on failure only that file is removed."""
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{unique_token(collective=False)}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_answers(answers: Sequence[dict], path) -> Path:
     """JSONL, one answer a line (model_vqa.py's format: question_id, prompt, text, answer_id, model_id,
-    metadata)."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    metadata). Written atomically (`path` is the old file or the whole new one, never part of it)."""
+    def write(f):
         for a in answers:
             f.write(json.dumps(a) + "\n")
-    os.replace(tmp, path)
-    return path
+    return _write_atomically(path, write)
 
 
 def write_vipbench_results(answers: Sequence[dict], path) -> Path:
     """The grader's input: {"v1_<question_id>": answer text}, as ViP-LLaVA's convert_vipbench_for_eval.py
-    writes it (results/<model>-<split>.json for vip-bench_evaluator.py / the evaluation server)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({f"v1_{a['question_id']}": a["text"] for a in answers}, f, indent=2)
-    return path
+    writes it (results/<model>-<split>.json for vip-bench_evaluator.py / the evaluation server). Two answers
+    with one question_id are refused (`check_unique_question_ids`): one of them would be lost."""
+    check_unique_question_ids(answers, "the answers")
+    return _write_atomically(path, lambda f: json.dump({f"v1_{a['question_id']}": a["text"] for a in answers},
+                                                       f, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,8 +453,8 @@ def evaluate(module, params, processor, records, *, image_folder=None, batch_siz
     stop = stop_for_template(template)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-    if meta is not None and not isinstance(meta, dict):
-        meta = json.loads(Path(meta).read_text(encoding="utf-8"))
+    if meta is not None:
+        meta = read_vipbench_meta(meta)
     if isinstance(records, (str, os.PathLike)):
         records = load_eval_records(records, meta=meta)
     records = list(records)
