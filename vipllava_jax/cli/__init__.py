@@ -1,17 +1,18 @@
-"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``, ``selfcheck``, ``train``, ``eval``."""
+"""The ``vipllava-jax`` command: ``generate``, ``convert``, ``plan``, ``demo``, ``selfcheck``, ``train``, ``eval``,
+``serve``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import convert, demo, generate, plan, selfcheck, train
+from . import convert, demo, generate, plan, selfcheck, serve, train
 from . import eval as eval_
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vipllava-jax", description="VipLlava (ViP-LLaVA) in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
-    for command in (demo, generate, convert, plan, train, eval_, selfcheck):  # one module per subcommand
+    for command in (demo, generate, convert, plan, train, eval_, selfcheck, serve):  # one module per subcommand
         command.register(sub)
     return ap
 
