@@ -3,6 +3,7 @@ stops taking connections, lets the running requests finish for up to ``grace_s``
 stops the engine with the same grace) and returns; `ServerThread` runs one in a thread (tests, benchmarks)."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -18,8 +19,19 @@ def _config(app, host: str, port: int, grace_s: float, log_level: str) -> uvicor
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, *, grace_s: float = 30.0,
                log_level: str = "info") -> None:
-    """Serve ``app`` until SIGINT / SIGTERM (uvicorn's handlers: stop accepting, drain, lifespan shutdown)."""
-    uvicorn.Server(_config(app, host, port, grace_s, log_level)).run()
+    """Serve ``app`` until SIGINT / SIGTERM (uvicorn's handlers: stop accepting, drain, lifespan shutdown), then
+    return: uvicorn re-raises the signal it caught once it has shut down (so the process would die of it);
+    here that lands in a handler that only records it, and the command exits 0."""
+    server = uvicorn.Server(_config(app, host, port, grace_s, log_level))
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class ServerThread:
