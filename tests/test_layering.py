@@ -230,7 +230,8 @@ def test_public_paths():
     """The names checks outside the repository call (issue 25), from exactly these paths."""
     import importlib
     for mod, names in {
-        "vipllava_jax": ["load_pretrained", "generate", "generate_stream", "sharded_generate", "make_mesh"],
+        "vipllava_jax": ["load_pretrained", "generate", "generate_stream", "sharded_generate", "make_mesh",
+                         "pipeline"],
         "vipllava_jax.training": ["loss_fn", "train", "TrainConfig"],
         "vipllava_jax.testing": ["make_tiny_checkpoint", "make_tiny_processor"],
         "vipllava_jax.data.synthetic": ["make_scene", "write_dataset", "DEMO_SCENE"],

@@ -3,18 +3,22 @@
     vipllava-jax generate --model llava-hf/vip-llava-7b-hf --image photo.jpg --box 40,60,200,220 \\
         --prompt "What is inside the red rectangle?" --save-marked marked.png
     vipllava-jax generate --model /data/vip-llava-7b-orbax --image a.jpg --chat
+    vipllava-jax generate --model DIR --messages chat.json     # HF-form chat messages, images inside
 
-The model directory is an HF checkpoint (or hub id) or an orbax directory from ``vipllava-jax convert``; its
+--prompt is formatted by the checkpoint's own chat template (one user turn: the images, then the prompt, and the
+assistant cue); --prompt-style llava_v0|llava_v1 writes the prompt in that format instead. The model directory is an HF checkpoint (or hub id) or an orbax directory from ``vipllava-jax convert``; its
 tokenizer and processor files are read from the same directory. Markers (--box, --arrow, ...) are drawn on
 the first image before the processor resizes and crops it, as ViP-LLaVA's training did.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ from ..data import visual_prompts as vp
 from ..data.images import load_image
 from ..data.processor import Processor
 from ..data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, stop_for_template
+from ..generation.pipeline import chat_prompt, chat_stop_strings
 from ..generation.text import generate_text, generate_text_stream
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
 from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
@@ -61,9 +66,19 @@ def register(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="keep a conversation: read follow-up questions from stdin (an empty line or 'exit' ends "
                         "it, '/reset' starts over; when the context is full the oldest turns are dropped)")
-    p.add_argument("--system", default=None, help="system text (default: the checkpoint's llava_v0 system prompt)")
-    p.add_argument("--prompt-style", choices=("llava_v0", "llava_v1"), default="llava_v0",
-                   help="llava_v0 (HF model card, default) or llava_v1 (original training / ViP-Bench)")
+    p.add_argument("--messages", default=None, metavar="FILE.json",
+                   help="a whole conversation as HF chat messages (a JSON list of {'role', 'content'}; image parts "
+                        "{'type': 'image', 'path' | 'url' | 'base64': ...}), formatted by the checkpoint's chat "
+                        "template; instead of --prompt / --image / --chat")
+    p.add_argument("--system", default=None,
+                   help="system text: a system message through the chat template (default: none, the template's "
+                        "own); with --prompt-style, that format's system text (default: its system prompt). "
+                        "llava-hf's template shows a system message twice, as transformers renders it: use "
+                        "--prompt-style llava_v0 --system TEXT there")
+    p.add_argument("--prompt-style", choices=("llava_v0", "llava_v1"), default=None,
+                   help="write the prompt in this format instead of the checkpoint's chat template: llava_v0 "
+                        "(`###Human: ...###Assistant:`, the HF model card's) or llava_v1 (`USER: ... ASSISTANT:`, "
+                        "the original training's / ViP-Bench's)")
     p.add_argument("--pad-to-square", action="store_true",
                    help="pad images to a square with the CLIP mean colour instead of centre-cropping "
                         "(the original training's preprocessing; keeps markers near the edges)")
@@ -176,8 +191,15 @@ def run(args: argparse.Namespace) -> int:
         check_text(q, "--prompt")
     if args.system is not None:
         check_text(args.system, "--system")
-    if not args.prompt and not args.chat:
-        raise ValueError("give --prompt (or --chat to type questions)")
+    if args.messages is not None:
+        given = [f for f, v in (("--prompt", args.prompt), ("--image", args.image), ("--chat", args.chat),
+                                ("--system", args.system is not None), ("--prompt-style", args.prompt_style),
+                                ("--save-marked", args.save_marked), ("markers", markers_from_args(args))) if v]
+        if given:
+            raise ValueError(f"--messages holds the whole conversation (system text, images and visual prompts "
+                             f"in its parts): drop {', '.join(given)}")
+    elif not args.prompt and not args.chat:
+        raise ValueError("give --prompt (or --chat to type questions, or --messages FILE.json)")
     if args.chat and args.prompt and len(args.prompt) > 1:
         raise ValueError("--chat takes at most one --prompt (the first question)")
     markers = markers_from_args(args)
@@ -191,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_path(args.model)
     config = load_config(model_dir)  # config.json first: a bad one is named, not blamed on the tokenizer
     proc = Processor.from_pretrained(model_dir, pad_to_square=args.pad_to_square)
+    encoded = _encode_messages(proc, args.messages) if args.messages is not None else None
     images = [load_image(src) for src in args.image]
     phrase = None
     if markers:
@@ -212,11 +235,12 @@ def run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)
-    system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
+    style = args.prompt_style  # None: the checkpoint's chat template
+    system = (DEFAULT_SYSTEM_PROMPT if style else None) if args.system is None else args.system
+    stop = tuple(args.stop) if args.stop else stop_for_template(style) if style else chat_stop_strings(proc)
     # --max-new-tokens (refused when it does not fit after the prompt), or by default 256 lowered to what fits.
     gen = dict(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
-               fit_context=args.max_new_tokens is None,
-               stop=tuple(args.stop) if args.stop else stop_for_template(args.prompt_style), mesh=mesh,
+               fit_context=args.max_new_tokens is None, stop=stop, mesh=mesh,
                do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                seed=args.seed, repetition_penalty=args.repetition_penalty)
 
@@ -225,9 +249,38 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{q!r} names a marker with <bbox>, but there is none: restart with --box, --point, ...")
         return q.replace("<bbox>", phrase) if phrase and "<bbox>" in q else q
 
+    shown = set()
+
+    def formatted(turns, counts) -> str:
+        """The prompt for `turns` ([(question, answer or None)], counts: images per turn): --prompt-style's
+        format, or the checkpoint's chat template on the same turns as messages (its warnings as notices)."""
+        if style:
+            return build_prompt(turns, counts, system=system, style=style)
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        for (q, a), n in zip(turns, counts):
+            messages.append({"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": q}]})
+            if a is not None:
+                messages.append({"role": "assistant", "content": a})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            text = chat_prompt(proc, messages)
+        for w in caught:  # the no-template fallback's warning, once
+            if str(w.message) not in shown:
+                shown.add(str(w.message))
+                _notice(f"warning: {w.message}")
+        return text
+
+    if encoded is not None:  # --messages: one conversation, already encoded with its images
+        for piece in generate_text_stream(module, params, proc, encoded, chunk_size=10**9 if args.no_stream else 8,
+                                          **gen):
+            if is_main_process():
+                print(piece, end="", flush=True)
+        if is_main_process():
+            print(flush=True)
+        return 0
+
     if args.prompt and len(args.prompt) > 1:  # a batch: same images for every prompt
-        texts = [build_prompt(question(q), len(images), system=system, style=args.prompt_style)
-                 for q in args.prompt]
+        texts = [formatted([(question(q), None)], [len(images)]) for q in args.prompt]
         answers = generate_text(module, params, proc, texts, [images] * len(texts), **gen)
         if is_main_process():
             for q, answer in zip(args.prompt, answers):
@@ -235,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     def prompt_for(turns):  # the images always go with the oldest turn kept
-        return build_prompt(turns, [len(images)] + [0] * (len(turns) - 1), system=system, style=args.prompt_style)
+        return formatted(turns, [len(images)] + [0] * (len(turns) - 1))
 
     turns: list[tuple[str, str | None]] = []
     first = args.prompt[0] if args.prompt else None
@@ -270,6 +323,29 @@ def run(args: argparse.Namespace) -> int:
         turns[-1] = (turns[-1][0], "".join(answer).strip())
         if not args.chat:
             return 0
+
+
+def _encode_messages(proc: Processor, path) -> dict:
+    """--messages FILE.json (a JSON list of HF chat messages, or an object with a "messages" list, as an OpenAI
+    request body) -> the model inputs through the checkpoint's template, images loaded and visual prompts
+    drawn (`Processor.apply_chat_template`); any problem is a ValueError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--messages {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--messages {path}: cannot read it as JSON ({e})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"--messages {path}: expected a JSON list of messages [{{\"role\": \"user\", \"content\": "
+                         f"[...]}}, ...] (or {{\"messages\": [...]}}), got {json.dumps(data)[:80]}")
+    if messages[-1].get("role") == "assistant":
+        raise ValueError(f"--messages {path}: the conversation ends with an assistant message; end it with the "
+                         "user's question, which is answered")
+    try:
+        return proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ValueError(f"--messages {path}: {e}") from e
 
 
 def _notice(line: str) -> None:
