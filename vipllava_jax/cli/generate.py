@@ -6,9 +6,10 @@
     vipllava-jax generate --model DIR --messages chat.json     # HF-form chat messages, images inside
 
 --prompt is formatted by the checkpoint's own chat template (one user turn: the images, then the prompt, and the
-assistant cue); --prompt-style llava_v0|llava_v1 writes the prompt in that format instead. The model directory is an HF checkpoint (or hub id) or an orbax directory from ``vipllava-jax convert``; its
-tokenizer and processor files are read from the same directory. Markers (--box, --arrow, ...) are drawn on
-the first image before the processor resizes and crops it, as ViP-LLaVA's training did.
+assistant cue); --prompt-style llava_v0|llava_v1 writes the prompt in that format instead. The model directory is
+an HF checkpoint (or hub id) or an orbax directory from ``vipllava-jax convert``; its tokenizer and processor
+files are read from the same directory. Markers (--box, --arrow, ...) are drawn on the first image before the
+processor resizes and crops it, as ViP-LLaVA's training did.
 """
 from __future__ import annotations
 
