@@ -141,7 +141,8 @@ def joined(events) -> str:
 
 
 # Two prompt lengths: an image and 5 characters of text, or 16 characters of text alone.
-PROMPTS = [user("What?", png_url()), user("Name the colours"), user("Shape", png_url(noise=3)), user("Count the shapes")]
+PROMPTS = [user("What?", png_url()), user("Name the colours"), user("Shape", png_url(noise=3)),
+           user("Count the shapes")]
 
 
 def assert_valid_answer(client, reference, prompt=None):
@@ -462,3 +463,60 @@ def test_serve_command_answers_and_drains_on_sigterm(tiny_hf, reference):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_model_answers_demo_scenes():
+    """The shipped demo model served: its answers to 8 demo scenes equal `generate_text`'s and are mostly right
+    (the model scores 90% on held-out scenes)."""
+    from vipllava_jax import load_pretrained
+    from vipllava_jax.data.synthetic import DEMO_SCENE, make_scene
+    from vipllava_jax.evals import demo_model_path
+    from vipllava_jax.generation import generate_text
+
+    path = demo_model_path()
+    module, params = load_pretrained(path, progress=False)
+    proc = Processor.from_pretrained(path)
+    eng = Engine(module, params, proc, max_batch=8, max_model_len=64, chunk=4, prefill_buckets=(64,)).start()
+    try:
+        assert eng.wait_ready(300)
+        app = create_app(eng, proc, model_name="demo")
+        scenes = [make_scene(i, **DEMO_SCENE) for i in range(8)]
+        answers = {}
+        with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+            def ask(i):
+                buf = io.BytesIO()
+                scenes[i].image.save(buf, "PNG")
+                url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+                r = c.post(URL, json={"model": "demo", "messages": user(scenes[i].question, url), "max_tokens": 8})
+                answers[i] = r.json()["choices"][0]["message"]["content"]
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        for i, sc in enumerate(scenes):
+            prompt = proc.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sc.question}]}],
+                add_generation_prompt=True)
+            want = generate_text(module, params, proc, [prompt], [sc.image], max_new_tokens=8, stop=())[0]
+            assert answers[i] == want, i
+        assert sum(answers[i] == sc.answer for i, sc in enumerate(scenes)) >= 6, answers
+    finally:
+        eng.stop(5)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_runs(tmp_path, capsys):
+    """bench/serve.py end to end, small: our server only, 2 requests at 1 and 2 clients."""
+    import runpy
+    from pathlib import Path
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "serve.py"))
+    out = tmp_path / "serve.jsonl"
+    assert bench["main"](["--skip-transformers", "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8",
+                          "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["impl"], r["concurrency"]) for r in rows} == {("vipllava-jax", 1), ("vipllava-jax", 2)}
+    assert all(r["n"] == 2 and r["errors"] == 0 and r["req_s"] > 0 for r in rows)
+    assert "ratios" in capsys.readouterr().out
