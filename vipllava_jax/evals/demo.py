@@ -11,7 +11,12 @@ and processor files, an HF directory that `load_pretrained` and transformers rea
 tower + Llama decoder, a word-level BPE tokenizer) trained with ``vipllava-jax train --stage all`` on
 `vipllava_jax.data.synthetic` scenes drawn with `DEMO_SCENE` (train/train_demo.py and train/configs/demo.yaml retrain
 it). It was trained on scenes ``(TRAIN_SEED, i)``; the held-out scenes are ``(HELDOUT_SEED, i)`` and a demo scene
-is ``make_scene(seed, **DEMO_SCENE)`` for an integer seed: three disjoint families of seeds.
+is `demo_scene(seed)` for any integer seed (``make_scene(seed, **DEMO_SCENE)``; a negative seed ``s`` draws
+``(NEGATIVE_SEED, -s)``): disjoint families of seeds.
+
+`run_demo` names the model it runs from its own files (`describe_model`): the shipped model, a model written by
+``vipllava-jax train`` (its export marker names the run and step), or any other checkpoint as what its config
+says; a model whose tokenizer lacks the demo task's answer words is refused (`check_demo_tokenizer`).
 """
 from __future__ import annotations
 
@@ -23,19 +28,22 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ..checkpoints.load import load_pretrained
+from ..checkpoints.load import load_config, load_pretrained
 from ..data.processor import Processor
 from ..data.prompts import build_prompt, stop_for_template
 from ..data.synthetic import (DEMO_SCENE, MARKER_KINDS, QUESTION_TYPES, chance_accuracy, make_scene,
                               write_dataset)
+from ..data.synthetic import answer_vocabulary
 from ..generation.text import generate_text_stream
+from ..training.export import read_marker
 from .evaluation import evaluate, score_answer
 
-__all__ = ["demo_model_path", "run_demo", "heldout_accuracy", "write_heldout", "format_accuracy",
+__all__ = ["demo_model_path", "demo_scene", "describe_model", "check_demo_tokenizer", "run_demo", "heldout_accuracy", "write_heldout", "format_accuracy",
            "TRAIN_SEED", "HELDOUT_SEED", "N_HELDOUT", "DEMO_TEMPLATE", "DEMO_SYSTEM_PROMPT"]
 
 TRAIN_SEED = 0  # training scenes: synthetic.make_scene((TRAIN_SEED, i), **DEMO_SCENE)
 HELDOUT_SEED = 1  # held-out scenes: make_scene((HELDOUT_SEED, i), **DEMO_SCENE), i < N_HELDOUT
+NEGATIVE_SEED = 2  # demo scenes of negative seeds s: make_scene((NEGATIVE_SEED, -s)) (numpy seeds are >= 0)
 N_HELDOUT = 200
 # The prompt the demo model was trained with (train/configs/demo.yaml: template, system_prompt).
 DEMO_TEMPLATE = "llava_v1"
@@ -67,6 +75,43 @@ def write_heldout(out_dir, n: int = N_HELDOUT, *, question_types: Sequence[str] 
     question_types / marker_kinds: the held-out scenes of a reduced task (default: the demo model's whole mix)."""
     return write_dataset(out_dir, n, seed=HELDOUT_SEED, pre_marked=True, id_prefix="heldout",
                          question_types=question_types, marker_kinds=marker_kinds, **DEMO_SCENE)
+
+
+def demo_scene(seed: int):
+    """The demo scene of an integer ``seed`` (any sign): ``make_scene(seed, **DEMO_SCENE)`` for ``seed >= 0``,
+    ``make_scene((NEGATIVE_SEED, -seed), **DEMO_SCENE)`` below 0 (numpy's generators take no negative seed)."""
+    seed = int(seed)
+    return make_scene(seed if seed >= 0 else (NEGATIVE_SEED, -seed), **DEMO_SCENE)
+
+
+def describe_model(model) -> str:
+    """What ``model`` is, from its own files: the shipped demo model; a model written by ``vipllava-jax train``
+    (the export marker in its directory names the run and step); else what its config.json says it is."""
+    if isinstance(model, (tuple, list)):
+        return "(given in memory)"
+    p = Path(model)
+    if shipped_model_available() and p.resolve() == SHIPPED_MODEL_DIR:
+        return f"{p}: the shipped demo model, trained from scratch by vipllava-jax train on synthetic visual-prompt scenes"
+    marker = read_marker(p)
+    if marker is not None:
+        return f"{p}: written by vipllava-jax train (run {marker.get('run_dir')}, step {marker.get('step')})"
+    cfg = load_config(p)
+    name = getattr(cfg, "name_or_path", None) or ""
+    return (f"{p}: a {cfg.text.num_hidden_layers}-layer VipLlava checkpoint{f' ({name})' if name else ''} not written "
+            f"by vipllava-jax train (no export marker), so not known to be trained on the demo task")
+
+
+def check_demo_tokenizer(processor, where) -> None:
+    """Refuse a tokenizer without the demo task's answer words (a word, or a word-start piece such as ``▁red`` /
+    ``Ġred``, for every answer the questions can have): such a model was not trained on the task."""
+    get_vocab = getattr(processor.tokenizer, "get_vocab", None)
+    vocab = get_vocab() if get_vocab is not None else {}
+    missing = [w for w in answer_vocabulary() if not ({w, f"\u2581{w}", f"\u0120{w}"} & vocab.keys())]
+    if missing:
+        raise ValueError(f"{where} is not a demo-task model: its tokenizer lacks {len(missing)} of the demo's "
+                         f"{len(answer_vocabulary())} answer words ({', '.join(missing[:6])}"
+                         f"{', ...' if len(missing) > 6 else ''}); give a model trained with train/train_demo.py "
+                         f"(or omit --model for the shipped one)")
 
 
 def _load(model):
@@ -126,13 +171,13 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
     """
     t0 = time.perf_counter()
     model = demo_model_path() if model is None else model
+    if not isinstance(model, (tuple, list)):  # the tokenizer's words before minutes of loading weights
+        check_demo_tokenizer(Processor.from_pretrained(model), model)
     module, params, processor = _load(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    name = "(given in memory)" if isinstance(model, (tuple, list)) else model
-    stream(f"Model: {name} ({n_params / 1e6:.1f}M parameters, trained from scratch by vipllava-jax train "
-           f"on synthetic visual-prompt scenes)")
+    stream(f"Model: {describe_model(model)} ({n_params / 1e6:.1f}M parameters)")
 
-    scene = make_scene(int(seed), **DEMO_SCENE)
+    scene = demo_scene(seed)
     out_image = Path(out_image) if out_image is not None else \
         Path(tempfile.gettempdir()) / f"vipllava-demo-{int(seed)}.png"
     if out_image.parent and not out_image.parent.exists():

@@ -58,13 +58,24 @@ def get_config(name_or_path: str | os.PathLike | VipLlavaConfig) -> VipLlavaConf
                      f"config.json")
 
 
+PLAN_DTYPES = ("float32", "bfloat16", "float16")  # what the model computes in (quantized weights: --quantize)
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "f32": "float32"}
+
+
 def _dtype(d) -> np.dtype:
+    """A parameter / cache dtype: one of `PLAN_DTYPES` (a name, an alias such as bf16, or a dtype); anything
+    else is a ValueError naming it."""
     if d is None:
         return np.dtype(np.float32)
-    if isinstance(d, str):
-        d = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "f32": "float32"}.get(d.lower(), d.lower())
-        return np.dtype(jnp.dtype(d))
-    return np.dtype(d)
+    name = _DTYPE_ALIASES.get(d.lower(), d.lower()) if isinstance(d, str) else d
+    try:
+        dt = np.dtype(jnp.dtype(name))
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.name not in PLAN_DTYPES:
+        raise ValueError(f"dtype {d!r} is not one the model computes in: give one of {', '.join(PLAN_DTYPES)} "
+                         f"(or bf16, fp16, fp32)")
+    return dt
 
 
 @dataclasses.dataclass
