@@ -53,7 +53,7 @@ code("""
 import tempfile
 from vipllava_jax import load_pretrained
 from vipllava_jax.checkpoints import resolve_model_path
-from vipllava_jax.data import DEFAULT_SYSTEM_PROMPT, Processor
+from vipllava_jax.data import Processor
 
 model_dir, tiny = None, False
 if not TINY:
@@ -70,7 +70,6 @@ if model_dir is None:
     tiny = True
 module, params = load_pretrained(model_dir, dtype=dtype)
 proc = Processor.from_pretrained(model_dir)
-system = "" if tiny else DEFAULT_SYSTEM_PROMPT  # the tiny model's context is 256 tokens
 print(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters")
 """)
 md("## 5. An image")
@@ -109,14 +108,19 @@ question = vp.build_question(QUESTION, *markers)
 print(question)
 marked
 """)
-md("## 7. Ask about the marked region")
+md("""
+## 7. Ask about the marked region
+The conversation is written as Hugging Face chat messages and formatted by the checkpoint's own chat template
+(`apply_chat_template`, as in transformers); `vipllava_jax.pipeline(model=...)` does all of this in one call.
+""")
 code("""
-from vipllava_jax.data import build_prompt
 from vipllava_jax.generation import generate_text_stream
 
+messages = [{"role": "user", "content": [{"type": "image", "image": marked}, {"type": "text", "text": question}]}]
+prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+print(repr(prompt))
 answer = ""
-for piece in generate_text_stream(module, params, proc, build_prompt(question, system=system), [marked],
-                                  max_new_tokens=MAX_NEW_TOKENS):
+for piece in generate_text_stream(module, params, proc, prompt, [marked], max_new_tokens=MAX_NEW_TOKENS):
     answer += piece
     print(piece, end="", flush=True)
 print()
@@ -126,7 +130,9 @@ code("""
 from vipllava_jax.generation import generate_text
 
 questions = [vp.build_question("What is <bbox>?", m) for m in markers]
-answers = generate_text(module, params, proc, [build_prompt(q, system=system) for q in questions],
+prompts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                   add_generation_prompt=True) for q in questions]
+answers = generate_text(module, params, proc, prompts,
                         [marked] * len(questions), max_new_tokens=MAX_NEW_TOKENS)
 for q, a in zip(questions, answers):
     print(q, "->", a)
