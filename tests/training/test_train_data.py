@@ -460,7 +460,8 @@ def test_cache_examples_gives_the_same_batches_and_encodes_region_free_records_o
     for a, b in zip(ref, got):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-    assert len(ref_calls) == 3 * len(recs)
+    # uncached: every record encoded in every epoch (grain may read a batch or two ahead: seen once in 15 runs)
+    assert all(ref_calls.count(r["id"]) >= 3 for r in recs) and len(ref_calls) <= 3 * len(recs) + 4, ref_calls
     regions = [r["id"] for r in recs if r.get("bboxes")]
     assert sorted(got_calls) == sorted([r["id"] for r in recs] + 2 * regions)
 
