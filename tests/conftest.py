@@ -49,6 +49,13 @@ def tiny_hf(tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_processor(tiny_hf):
+    """The tiny checkpoint's `Processor` (its tokenizer, image settings and chat template), loaded once."""
+    from vipllava_jax.data import Processor
+    return Processor.from_pretrained(tiny_hf)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_hf):
     """(module, params) of the tiny checkpoint, fp32, loaded once."""
     from vipllava_jax import load_pretrained

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from vipllava_jax.data import Processor
 from vipllava_jax.generation import generate, token_strings
 from vipllava_jax.generation.engine import Engine, EngineStopped, QueueFull, RequestFailed
 from vipllava_jax.testing import TINY_IMAGE_TOKEN
@@ -45,15 +44,10 @@ def until_eos(tokens, eos):
 
 
 @pytest.fixture(scope="module")
-def processor(tiny_hf):
-    return Processor.from_pretrained(tiny_hf)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model, processor):
+def engine(tiny_model, tiny_processor):
     """A started, warmed-up engine; `engine.compiles` counts the XLA compiles on the engine thread since then."""
     module, params = tiny_model
-    eng = Engine(module, params, processor, **KW).start()
+    eng = Engine(module, params, tiny_processor, **KW).start()
     assert eng.wait_ready(300) and eng.ready and eng.error is None
     counter = {"n": 0}
 
@@ -74,13 +68,13 @@ def assert_no_compile(engine):
     assert engine.compile_count() == engine.programs
 
 
-def test_greedy_equals_generate_alone_with_staggered_requests(engine, tiny_model, processor):
+def test_greedy_equals_generate_alone_with_staggered_requests(engine, tiny_model, tiny_processor):
     """8 requests of mixed length, image count and max_new_tokens, submitted in three waves while others decode."""
     rng = np.random.default_rng(0)
     specs = [(5, False, 12), (2, True, 7), (11, False, 3), (1, True, 14), (8, False, 16), (2, True, 1),
              (13, False, 9), (1, True, 10)]  # (text tokens, image, max_new_tokens)
     prompts = [make_prompt(rng, n, img) for n, img, _ in specs]
-    eos = (processor.eos_token_id,)
+    eos = (tiny_processor.eos_token_id,)
     reqs, mid = [], 0
     for i, ((ids, pix), (_, _, m)) in enumerate(zip(prompts, specs)):
         if i in (3, 6):  # the next wave joins while earlier requests are mid-decode
@@ -128,7 +122,7 @@ def test_cancel_frees_the_slot_for_a_queued_request(engine, tiny_model):
     assert_no_compile(engine)
 
 
-def test_eos_and_stop_strings_end_a_request(engine, tiny_model, processor):
+def test_eos_and_stop_strings_end_a_request(engine, tiny_model, tiny_processor):
     rng = np.random.default_rng(5)  # a prompt whose answer starts with text (the random model soon repeats 111)
     ids, pix = make_prompt(rng, 2, True)
     free = reference(tiny_model, ids, pix, 12)
@@ -136,7 +130,7 @@ def test_eos_and_stop_strings_end_a_request(engine, tiny_model, processor):
     got = engine.submit(ids, pix, max_new_tokens=12, eos_token_id=eos).result(60)
     assert got == free[: free.index(eos) + 1]
     # stop string: two characters the answer produces; the request ends at the token that completes it
-    strings = token_strings(processor.tokenizer, 128)
+    strings = token_strings(tiny_processor.tokenizer, 128)
     j = next(j for j in range(11) if strings[free[j]] and strings[free[j + 1]])  # ids past 101 have no text
     stop = strings[free[j]] + strings[free[j + 1]]
     prompt_text = "".join(strings[t] for t in ids)
@@ -161,10 +155,10 @@ def test_a_failing_request_fails_alone(engine, tiny_model):
     assert_no_compile(engine)
 
 
-def test_submit_checks_queue_full_and_stop(tiny_model, processor):
+def test_submit_checks_queue_full_and_stop(tiny_model, tiny_processor):
     """An engine that is never started: nothing compiles, requests only queue."""
     module, params = tiny_model
-    eng = Engine(module, params, processor, max_queue=2, **KW)
+    eng = Engine(module, params, tiny_processor, max_queue=2, **KW)
     ids, _ = make_prompt(np.random.default_rng(4), 5, False)
     with pytest.raises(ValueError, match=r"64 tokens long.*max_model_len is 64.*at most 63"):
         eng.submit(np.ones(64, np.int32), max_new_tokens=1)
@@ -187,13 +181,13 @@ def test_submit_checks_queue_full_and_stop(tiny_model, processor):
 
 
 @pytest.mark.slow
-def test_stress_32_mixed_requests(tiny_model, processor):
+def test_stress_32_mixed_requests(tiny_model, tiny_processor):
     """Slow twin of test_greedy_equals_generate_alone_with_staggered_requests (and of the cancel test): 32
     requests on 8 slots, greedy and sampled (equal to `generate` with the same seed), text and images, submitted
     in random bursts, some cancelled mid-decode (their tokens a prefix of the whole answer); no compile after
     warm-up."""
     module, params = tiny_model
-    eng = Engine(module, params, processor, max_batch=8, max_model_len=64, chunk=4, prefill_buckets=(32, 64),
+    eng = Engine(module, params, tiny_processor, max_batch=8, max_model_len=64, chunk=4, prefill_buckets=(32, 64),
                  max_queue=32).start()
     assert eng.wait_ready(300)
     programs = eng.compile_count()

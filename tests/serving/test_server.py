@@ -56,14 +56,9 @@ def body(messages, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def processor(tiny_hf):
-    return Processor.from_pretrained(tiny_hf)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model, processor):
+def engine(tiny_model, tiny_processor):
     module, params = tiny_model
-    eng = Engine(module, params, processor, **KW).start()
+    eng = Engine(module, params, tiny_processor, **KW).start()
     assert eng.wait_ready(300) and eng.error is None
     yield eng
     eng.stop(5)
@@ -80,8 +75,8 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(engine, processor, media):
-    return create_app(engine, processor, model_name=MODEL, allowed_local_media_path=media,
+def app(engine, tiny_processor, media):
+    return create_app(engine, tiny_processor, model_name=MODEL, allowed_local_media_path=media,
                       max_image_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY)
 
 
@@ -98,12 +93,12 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, processor, app):
+def reference(tiny_model, tiny_processor, app):
     """reference(messages, n) -> (text, prompt_tokens, row): `generate` for these messages alone, greedy, as the
     server renders them (its template, its stop string), decoded and cut as `generate_text` answers."""
     module, params = tiny_model
     stop = ("###",)
-    tables = stop_strings_for(processor.tokenizer, stop, module.config.text.vocab_size)
+    tables = stop_strings_for(tiny_processor.tokenizer, stop, module.config.text.vocab_size)
     cache = {}
 
     def ref(messages, n=NEW):
@@ -112,12 +107,12 @@ def reference(tiny_model, processor, app):
             hf = [{"role": m["role"], "content": [{"type": "image", "url": p["image_url"]["url"]}
                                                    if p["type"] == "image_url" else p for p in m["content"]]}
                   for m in messages]
-            enc = processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=True, return_dict=True,
+            enc = tiny_processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                 chat_template=app.state.template)
             row = generate(module, params, enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"],
-                           max_new_tokens=n, stop_strings=tables, pad_token_id=processor.pad_token_id,
-                           eos_token_id=processor.eos_token_id)[0].tolist()
-            text = cut_at_stop(processor.decode(row), stop).strip()
+                           max_new_tokens=n, stop_strings=tables, pad_token_id=tiny_processor.pad_token_id,
+                           eos_token_id=tiny_processor.eos_token_id)[0].tolist()
+            text = cut_at_stop(tiny_processor.decode(row), stop).strip()
             cache[key] = (text, int(enc["attention_mask"].sum()), row)
         return cache[key]
     return ref
@@ -276,8 +271,8 @@ def test_body_over_the_limit_is_413(client, reference):
     assert_valid_answer(client, reference)
 
 
-def test_api_key(engine, processor, reference):
-    app = create_app(engine, processor, model_name=MODEL, api_key="sk-test")
+def test_api_key(engine, tiny_processor, reference):
+    app = create_app(engine, tiny_processor, model_name=MODEL, api_key="sk-test")
     with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test"}):
             r = c.post(URL, json=body(PROMPTS[1]), headers=headers)
@@ -291,12 +286,12 @@ def test_api_key(engine, processor, reference):
         assert r.status_code == 400 and "without --allowed-local-media-path" in r.json()["error"]["message"]
 
 
-def test_health_503_until_warm_then_200_and_queue_full_429(tiny_model, processor, reference):
+def test_health_503_until_warm_then_200_and_queue_full_429(tiny_model, tiny_processor, reference):
     """An engine not started yet: /health is 503, a request waits in its queue (max_queue 1), the next is 429
     with Retry-After; once the engine has started and warmed up, /health is 200 and the waiting one is answered."""
     module, params = tiny_model
-    eng = Engine(module, params, processor, **{**KW, "max_queue": 1})
-    app = create_app(eng, processor, model_name=MODEL)
+    eng = Engine(module, params, tiny_processor, **{**KW, "max_queue": 1})
+    app = create_app(eng, tiny_processor, model_name=MODEL)
     try:
         with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
             r = c.get("/health")

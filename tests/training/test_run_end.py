@@ -15,8 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
+from colour_runs import cli_args, write_dataset  # tests/training/colour_runs.py
 from vipllava_jax import load_pretrained
 from vipllava_jax.cli import main as cli_main
 from vipllava_jax.cli.train import main as train_py_main
@@ -31,24 +31,6 @@ from vipllava_jax.training.optim import split_params
 REPO = Path(__file__).resolve().parents[2]
 # The module's runs (ref_run) are shared by its tests: one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("run_end")
-COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 20)]
-NAMES = ["red", "green", "blue", "yellow"]
-
-
-def write_dataset(root: Path, n: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    recs = []
-    for i in range(n):
-        a = np.full((30, 30, 3), 128, np.uint8)
-        x, y = rng.integers(0, 15, 2)
-        a[y:y + 14, x:x + 14] = COLORS[i % 4]
-        Image.fromarray(a).save(root / "images" / f"{i}.png")
-        recs.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": NAMES[i % 4]}]})
-    path = root / "train.json"
-    path.write_text(json.dumps(recs))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +46,6 @@ def make_cfg(env, out, images=None, **kw) -> TrainConfig:
              progress=False, system_prompt="")
     d.update(kw)
     return TrainConfig(**d)
-
-
-def cli_args(cfg: TrainConfig) -> list[str]:
-    args = []
-    for k, v in cfg.to_dict().items():
-        if k in ("progress", "force_resume", "lora_targets", "marker_kinds") or v is None:
-            continue
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args + ["--no-progress"]
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from colour_runs import write_dataset  # tests/training/colour_runs.py
 from vipllava_jax.cli import main as cli_main
 from vipllava_jax.training import TrainConfig, train
 from vipllava_jax.training import checkpointing
@@ -28,23 +28,6 @@ RUN_LOCK = REPO / "vipllava_jax" / "training" / "run_lock.py"
 # Damaged checkpoints leave orbax coroutines whose errors are finalized while stderr is held: pytest reports those.
 pytestmark = [pytest.mark.xdist_group("run_guard"),
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
-
-
-def write_dataset(root: Path, n: int) -> Path:
-    """n records: a coloured square on grey, 'Colour?' -> its name."""
-    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    recs = []
-    for i in range(n):
-        name = list(colors)[i % len(colors)]
-        a = np.full((30, 30, 3), 128, np.uint8)
-        a[i % 15:i % 15 + 14, 3:17] = colors[name]
-        Image.fromarray(a).save(root / "images" / f"{i}.png")
-        recs.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": name}]})
-    path = root / "train.json"
-    path.write_text(json.dumps(recs))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.numpy import load_file
 
+from colour_runs import cli_args, write_dataset  # tests/training/colour_runs.py
 from vipllava_jax import load_pretrained
 from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.cli import main as cli_main
@@ -28,25 +28,6 @@ from vipllava_jax.training import trainer as trainer_lib
 REPO = Path(__file__).resolve().parents[2]
 # The module's runs (env, full_run, mesh8_run) are shared by many tests: one xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("train_run")
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def write_dataset(root: Path, n: int = 16, seed: int = 0) -> Path:
-    """n records: a coloured square on grey; 'What colour is the square?' -> the colour's name."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    recs = []
-    for i in range(n):
-        name = list(COLORS)[i % len(COLORS)]
-        a = np.full((30, 30, 3), 128, np.uint8)
-        x, y = rng.integers(0, 15, 2)
-        a[y:y + 14, x:x + 14] = COLORS[name]
-        Image.fromarray(a).save(root / "images" / f"{i}.png")
-        recs.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": name}]})
-    path = root / "train.json"
-    path.write_text(json.dumps(recs))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +271,7 @@ def test_two_processes_match_one_process_and_resume_in_one(env, full_run, mesh8_
     out = tmp_path / "two"
     cfg = base_cfg(env, out, max_steps=30, mesh="fsdp=4,tensor=2", devices=None)
     procs = [subprocess.Popen(
-        [sys.executable, str(REPO / "train" / "train.py")] + _cli_args(cfg) +
+        [sys.executable, str(REPO / "train" / "train.py")] + cli_args(cfg) +
         ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
         env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -342,19 +323,10 @@ def test_nonfinite_step_stops_naming_it_or_is_skipped(env, tmp_path, monkeypatch
         train(base_cfg(env, tmp_path / "many", max_steps=6, skip_nonfinite=True, max_skips=2))
 
 
-def _cli_args(cfg) -> list[str]:
-    args = []
-    for k, v in cfg.to_dict().items():
-        if k in ("progress", "force_resume", "lora_targets", "marker_kinds") or v is None:
-            continue
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args + ["--no-progress"]
-
-
 def _start(cfg) -> subprocess.Popen:
     env_vars = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     JAX_DEFAULT_MATMUL_PRECISION="highest")
-    return subprocess.Popen([sys.executable, str(REPO / "train" / "train.py")] + _cli_args(cfg), env=env_vars,
+    return subprocess.Popen([sys.executable, str(REPO / "train" / "train.py")] + cli_args(cfg), env=env_vars,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
