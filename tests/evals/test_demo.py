@@ -186,10 +186,11 @@ def _reduced_recipe(run_python, tmp_path, steps: int) -> dict:
 
 @pytest.mark.long
 def test_reduced_recipe_learns_to_read_the_marker_fast(run_python, tmp_path):
-    """The fast twin of the slow test below: 250 steps. Held-out colour accuracy rises from the random model's
-    (about chance, 1/6) to above 2x chance. Measured on a 2-core CPU (2026-12-06): 54% on these 100 scenes."""
-    s = _reduced_recipe(run_python, tmp_path, 250)
-    assert s["accuracy"] >= 0.4, s  # > 2x chance
+    """The fast twin of the slow test below: 200 steps. Held-out colour accuracy rises from the random model's
+    (about chance, 1/6) to above 2x chance. Measured on a 2-core CPU (2026-12-06): 41% on these 100 scenes at
+    200 steps in 60 s (54% at 250 steps, 23% at 150)."""
+    s = _reduced_recipe(run_python, tmp_path, 200)
+    assert s["accuracy"] >= 0.34, s  # > 2x chance
 
 
 @pytest.mark.slow
