@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from tqdm.auto import tqdm
 
 from ..models.config import VipLlavaConfig
 from ..models.params import abstract_param_tree, flat_paths, unflatten_paths
+from ..models.quantize import dequantize_kernel, is_quantized_kernel, quantize_kernel
 from .atomic import atomic_output_dir
 from .config_file import CheckpointError
 from .hf_io import HFCheckpoint, save_safetensors
@@ -96,9 +98,15 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
     """Stream an HF checkpoint onto the Flax tree (layers stacked for ``nn.scan`` with ``scan_layers``).
 
     dtype: None keeps each tensor's checkpoint dtype. shardings: Flax path -> jax.sharding.Sharding, to place
-    each tensor straight onto its shards (each process reads only the slices its devices hold)."""
+    each tensor straight onto its shards (each process reads only the slices its devices hold).
+
+    ``config.quantization`` (`models.quantize.QuantConfig`): each kernel it names is quantized as it is read
+    (``kernel`` becomes ``kernel/qvalue`` + ``kernel/scale``, scales in ``dtype``), so the host never holds more
+    than the quantized tree plus one float tensor (and, with scanned layers, the quantized layers of the one
+    stacked kernel being filled)."""
+    quant = config.quantization
     targets = {p: tuple(v.value.shape if isinstance(v, nn.Partitioned) else v.shape)
-               for p, v in flat_paths(abstract_param_tree(config, scan_layers)).items()}
+               for p, v in flat_paths(abstract_param_tree(config.replace(quantization=None), scan_layers)).items()}
     ckpt = HFCheckpoint(model_dir)
     keys = ckpt.keys()
     plan = plan_conversion(keys, ckpt.shape, config, targets, scan_layers=scan_layers)
@@ -111,7 +119,15 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
     total = sum(int(np.prod(ckpt.shape(k))) for k in plan)
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="Converting", disable=not progress)
 
+    def place_quantized(path, q):
+        for leaf, v in q.items():
+            sh = None if shardings is None else shardings.get(f"{path}/{leaf}")
+            out[f"{path}/{leaf}"] = v if sh is None else jax.device_put(v, sh)
+
     def place(path, arr):
+        if is_quantized_kernel(path, quant):
+            place_quantized(path, quantize_kernel(np.asarray(arr), quant, dtype or arr.dtype))
+            return
         sh = None if shardings is None else shardings.get(path)
         target_dtype = dtype or arr.dtype
         if sh is None:
@@ -121,6 +137,7 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
                 arr.shape, sh, lambda idx: np.asarray(arr[idx], dtype=target_dtype))
 
     lazy_stacks: dict[str, dict[int, np.ndarray]] = {}
+    qstacks: dict[str, dict[int, dict]] = {}
 
     def place_stacked(path, layers):
         target_dtype = dtype or layers[0].dtype
@@ -138,6 +155,14 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
         arr = tgt.transform(ckpt.get(key))
         if tgt.layer is None:
             place(tgt.path, arr)
+        elif is_quantized_kernel(tgt.path, quant):
+            # Scanned: quantize each layer as it comes, stack the quantized layers once all are in.
+            done = qstacks.setdefault(tgt.path, {})
+            done[tgt.layer] = quantize_kernel(np.asarray(arr), quant, dtype or arr.dtype)
+            if len(done) == targets[tgt.path][0]:
+                place_quantized(tgt.path, {leaf: jnp.stack([done[i][leaf] for i in range(len(done))])
+                                           for leaf in ("qvalue", "scale")})
+                del qstacks[tgt.path]
         elif shardings is not None and shardings.get(tgt.path) is not None:
             # Sharded and scanned: keep each layer's lazy view and stack only the slices this process's
             # devices hold, so no host ever materialises the whole stacked tensor.
@@ -163,8 +188,15 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
 
 # --- export -------------------------------------------------------------------------------------------------
 def to_hf_state_dict(params: dict, config: VipLlavaConfig) -> Iterable[tuple[str, np.ndarray]]:
-    """Yield (HF key in the hub layout, numpy array) tensor by tensor."""
-    for path, value in flat_paths(params).items():
+    """Yield (HF key in the hub layout, numpy array) tensor by tensor. A quantized kernel (``config.quantization``)
+    is written as the float kernel it stands for (dequantized, in its scales' dtype): HF has no layout for
+    qwix's tiles."""
+    flat = flat_paths(params)
+    for path in [p for p in flat if p.endswith("/kernel/qvalue")]:
+        k = path.rsplit("/", 1)[0]
+        flat[k] = dequantize_kernel({"qvalue": flat.pop(path), "scale": flat.pop(k + "/scale")},
+                                    config.quantization)
+    for path, value in flat.items():
         value = value.value if isinstance(value, nn.Partitioned) else value
         scanned = "layers/" in path and not re.search(r"layers_\d+", path)
         if scanned:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ..models.config import Runtime, VipLlavaConfig
 from ..models.vipllava import VipLlavaForConditionalGeneration
 from ..models.params import flat_paths
+from ..models.quantize import DEFAULT_TILE_SIZE, QuantConfig, make_quant_config
 from ..parallel.mesh import check_mesh
 from ..parallel.shardings import param_shardings
 from .config_file import CheckpointError, load_config_file
@@ -40,9 +41,29 @@ def load_config(path) -> VipLlavaConfig:
     return load_config_file(resolve_model_path(path))
 
 
+def with_quantization(cfg: VipLlavaConfig, quant: QuantConfig | None, where) -> VipLlavaConfig:
+    """The config with the quantization asked for; a checkpoint already quantized keeps its own (asking for
+    another is an error naming both)."""
+    if cfg.quantization is not None:
+        if quant is not None and quant != cfg.quantization:
+            raise CheckpointError(f"{where} is already quantized ({cfg.quantization.mode}, tile "
+                                  f"{cfg.quantization.tile_size}); it cannot be loaded as {quant.mode} (tile "
+                                  f"{quant.tile_size}): load it with no quantize= argument, or quantize the "
+                                  f"unquantized checkpoint")
+        return cfg
+    if quant is None:
+        return cfg
+    try:
+        return cfg.replace(quantization=quant)
+    except ValueError as e:  # a tile size that does not divide a layer
+        raise ValueError(f"{where}: {e}") from None
+
+
 def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = False, remat_policy: str = "none",
                     attn_impl: str = "auto", runtime: Runtime | None = None, progress: bool = True,
-                    verify: bool = True):
+                    verify: bool = True, quantize: str | QuantConfig | None = None,
+                    quantize_tile_size: int = DEFAULT_TILE_SIZE, quantize_vision_tower: bool = False,
+                    quantize_projector: bool = False, quantize_lm_head: bool = False):
     """Load a VipLlava model: ``(module, params)``.
 
     path: an HF directory (config.json + safetensors / sharded index / pytorch_model.bin), a hub id where a
@@ -54,6 +75,12 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     verify: for an orbax directory, check each file's CRC-32 against the one recorded at save before reading
     (a damaged file is a `CheckpointError` naming it); False skips that pass over the files (the CLI's
     --no-verify). HF directories have no checksums to check: it changes nothing there.
+    quantize: "int8" (one scale per output channel) or "int4" (one scale per ``quantize_tile_size`` input rows
+    per output channel): weight-only quantization of the language model's linear kernels with qwix
+    (`models.quantize`), each tensor quantized as it is read; ``quantize_vision_tower`` / ``_projector`` /
+    ``_lm_head`` quantize those linears too. Scales are in ``dtype``. ``module.config.quantization`` records it.
+    A directory written by ``vipllava-jax convert --quantize`` restores quantized with no argument (giving a
+    different ``quantize=`` is an error).
     """
     layout = dict(scan_layers=scan_layers, remat_policy=remat_policy, attn_impl=attn_impl)
     if runtime is None:
@@ -61,7 +88,9 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     elif layout != dict(scan_layers=False, remat_policy="none", attn_impl="auto"):
         raise ValueError("give runtime= or scan_layers/remat_policy/attn_impl, not both")
     p = resolve_model_path(path)
-    cfg = load_config_file(p)
+    cfg = with_quantization(load_config_file(p), make_quant_config(
+        quantize, quantize_tile_size, vision_tower=quantize_vision_tower, projector=quantize_projector,
+        lm_head=quantize_lm_head), p)
     check_mesh(cfg, mesh)
     module = VipLlavaForConditionalGeneration(cfg, runtime, dtype=jnp.float32 if dtype is None else dtype)
     scan = runtime.scan_layers

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from ..models.config import VipLlavaConfig
 from ..models.params import abstract_param_tree, flat_paths, is_scanned, relayout, unflatten_paths
+from ..models.quantize import is_quantized_kernel, quantize_kernel
 from ..parallel.mesh import check_mesh
 from ..parallel.shardings import param_shardings
 from .atomic import atomic_output_dir, held_stderr, is_disk_full
@@ -228,7 +229,21 @@ def restore_orbax(path, config: VipLlavaConfig, *, dtype=None, mesh=None, scan_l
 
 
 def _restore_orbax(path: Path, config: VipLlavaConfig, *, dtype=None, mesh=None, scan_layers: bool = False) -> dict:
-    saved_scan = bool(read_hf_config(path)[FORMAT_KEY].get("scan_layers", False))
+    saved = read_hf_config(path)
+    saved_scan = bool(saved[FORMAT_KEY].get("scan_layers", False))
+    if config.quantization is not None and saved.get("quantization_config") is None:
+        # a float checkpoint loaded quantized: restore it in float, then quantize kernel by kernel (the float
+        # tree is whole on the devices first: convert --quantize once to load quantized from the start)
+        params = _restore_orbax(path, config.replace(quantization=None), dtype=dtype, mesh=None,
+                                scan_layers=scan_layers)
+        flat = flat_paths(params)
+        for p in [p for p in flat if is_quantized_kernel(p, config.quantization)]:
+            q = quantize_kernel(flat.pop(p), config.quantization, dtype)
+            flat.update({f"{p}/{leaf}": v for leaf, v in q.items()})
+        params = unflatten_paths(flat)
+        if mesh is not None:
+            params = jax.device_put(params, param_shardings(config, mesh, scan_layers=scan_layers))
+        return params
     boxed = abstract_param_tree(config, saved_scan)
     ckptr = ocp.StandardCheckpointer()
     meta = ckptr.metadata(path / "params")
@@ -242,7 +257,9 @@ def _restore_orbax(path: Path, config: VipLlavaConfig, *, dtype=None, mesh=None,
         if p not in saved_dtypes:
             raise CheckpointError(f"{path}: orbax checkpoint has no parameter {p}")
         sh = shard.get(p) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract[p] = jax.ShapeDtypeStruct(v.shape, dtype or saved_dtypes[p], sharding=sh)
+        keep = p.endswith("/kernel/qvalue")  # quantized values stay int8/int4; their scales take dtype
+        abstract[p] = jax.ShapeDtypeStruct(v.shape, saved_dtypes[p] if keep else dtype or saved_dtypes[p],
+                                           sharding=sh)
     extra = set(saved_dtypes) - set(abstract)
     if extra:
         raise CheckpointError(f"{path}: orbax checkpoint has parameters the config does not: {sorted(extra)[:5]}")

@@ -27,3 +27,18 @@ def auto_dtype(dtype: str) -> str:
     if dtype == "auto":
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return dtype
+
+
+def add_quantize_args(p) -> None:
+    """--quantize int8|int4 and --quantize-tile-size: weight-only quantization at load (`load_pretrained`)."""
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="load the language model's linear weights quantized (weight-only, qwix): int8 one scale per "
+                        "output channel, int4 one scale per --quantize-tile-size input rows (default: as stored)")
+    p.add_argument("--quantize-tile-size", type=int, default=128, metavar="N",
+                   help="int4: input rows sharing a scale (default 128; must divide each quantized layer's input)")
+
+
+def quantize_kwargs(args) -> dict:
+    """`load_pretrained` keywords from --quantize / --quantize-tile-size."""
+    q = getattr(args, "quantize", None)
+    return {} if q is None else {"quantize": q, "quantize_tile_size": args.quantize_tile_size}

@@ -16,6 +16,7 @@ import warnings
 from typing import Any, ClassVar
 
 from .layers import check_activation, check_attn_impl, check_remat
+from .quantize import QuantConfig, check_tiles
 
 DEFAULT_FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 
@@ -267,6 +268,9 @@ class VipLlavaConfig(HFConfig):
     vision_feature_layers: int | tuple[int, ...] = DEFAULT_FEATURE_LAYERS
     image_seq_length: int = 576
     tie_word_embeddings: bool = False
+    # Weight-only int8/int4 kernels (models.quantize); config.json's "quantization_config" when written by
+    # vipllava-jax convert --quantize. None: every weight in the float dtype it is loaded in.
+    quantization: QuantConfig | None = None
 
     MODEL_TYPE: ClassVar[str] = "vipllava"
 
@@ -287,6 +291,8 @@ class VipLlavaConfig(HFConfig):
             if not -n <= i < n:
                 raise ValueError(f"vision_feature_layers entry {i} is out of range for a vision tower with {n} "
                                  f"hidden states")
+        if self.quantization is not None:
+            check_tiles(self)
 
     @property
     def num_feature_layers(self) -> int:
@@ -321,6 +327,8 @@ class VipLlavaConfig(HFConfig):
         kw["vision_feature_layers"] = layers if isinstance(layers, int) else tuple(layers)
         tie = d.get("tie_word_embeddings")
         kw["tie_word_embeddings"] = bool(text.tie_word_embeddings if tie is None else tie)
+        if d.get("quantization_config") is not None:
+            kw["quantization"] = QuantConfig.from_hf(d["quantization_config"])
         kw.update(overrides)
         return cls(vision=vision, text=text, **kw)
 
@@ -337,5 +345,5 @@ class VipLlavaConfig(HFConfig):
             "vision_feature_layer": layers if isinstance(layers, int) else list(layers),
             "image_seq_length": self.image_seq_length,
             "tie_word_embeddings": self.tie_word_embeddings,
-        }
+        } | ({} if self.quantization is None else {"quantization_config": self.quantization.to_hf()})
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .layers import ACTIVATIONS, dense, layer_norm
+from .quantize import QuantConfig
 
 Array = jax.Array
 
@@ -28,11 +29,14 @@ class VipLlavaMultiModalProjector(nn.Module):
     layernorm_eps: float = 1e-5
     hidden_act: str = "gelu"
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None  # both linear kernels quantized (models.quantize; only on request)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = layer_norm(self.layernorm_eps, "vis_concat", dtype=self.dtype, name="projector_layernorm")(x)
-        x = dense(self.text_hidden_size, ("vis_concat", "proj_hidden"), use_bias=True, dtype=self.dtype, name="linear_1")(x)
+        x = dense(self.text_hidden_size, ("vis_concat", "proj_hidden"), use_bias=True, dtype=self.dtype, name="linear_1",
+                  quant=self.quant)(x)
         x = ACTIVATIONS[self.hidden_act](x)
-        x = dense(self.text_hidden_size, ("proj_hidden", "embed"), use_bias=True, dtype=self.dtype, name="linear_2")(x)
+        x = dense(self.text_hidden_size, ("proj_hidden", "embed"), use_bias=True, dtype=self.dtype, name="linear_2",
+                  quant=self.quant)(x)
         return x

@@ -77,12 +77,15 @@ class VipLlavaForConditionalGeneration(nn.Module):
     def setup(self):
         check_runtime(self.runtime, "VipLlavaForConditionalGeneration")
         c, rt = self.config, self.runtime
-        self.vision_tower = CLIPVisionTransformer(c.vision, rt, self.dtype)
+        q = c.quantization  # weight-only int8/int4 (models.quantize): the decoder's linears, the rest on request
+        self.vision_tower = CLIPVisionTransformer(c.vision, rt, self.dtype, q if q and q.vision_tower else None)
         self.multi_modal_projector = VipLlavaMultiModalProjector(
-            c.text.hidden_size, c.projector_layernorm_eps, c.projector_hidden_act, self.dtype)
-        self.language_model = LlamaModel(c.text, rt, self.dtype)
+            c.text.hidden_size, c.projector_layernorm_eps, c.projector_hidden_act, self.dtype,
+            q if q and q.projector else None)
+        self.language_model = LlamaModel(c.text, rt, self.dtype, q)
         if not c.tie_word_embeddings:
-            self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head")
+            self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head",
+                                 quant=q if q and q.lm_head else None)
 
     def encode_images(self, pixel_values: Array) -> tuple[Array, Array]:
         """pixel_values [I, C, H, W] -> (features [I, P, D], vision hidden states [Lv+1, I, P+1, Dv])."""

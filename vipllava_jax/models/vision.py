@@ -15,6 +15,7 @@ from flax import struct
 
 from .config import CLIPVisionConfig, Runtime, check_runtime
 from .layers import ACTIVATIONS, REMAT_POLICIES, attention, dense, layer_norm, logical
+from .quantize import QuantConfig
 
 Array = jax.Array
 
@@ -56,42 +57,48 @@ class CLIPEmbeddings(nn.Module):
 class CLIPAttention(nn.Module):
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None  # the linear kernels quantized (models.quantize; only on request)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
         n, h, d = c.num_attention_heads, c.head_dim, c.hidden_size
         b, t, _ = x.shape
-        proj = lambda name: dense(d, ("vis_embed", "vis_heads"), use_bias=True, dtype=self.dtype, name=name)
+        proj = lambda name: dense(d, ("vis_embed", "vis_heads"), use_bias=True, dtype=self.dtype, name=name,
+                                  quant=self.quant)
         q = proj("q_proj")(x).reshape(b, t, n, h)
         k = proj("k_proj")(x).reshape(b, t, n, h)
         v = proj("v_proj")(x).reshape(b, t, n, h)
         o = attention(q, k, v, None, h**-0.5).reshape(b, t, d)
-        return dense(d, ("vis_heads", "vis_embed"), use_bias=True, dtype=self.dtype, name="out_proj")(o)
+        return dense(d, ("vis_heads", "vis_embed"), use_bias=True, dtype=self.dtype, name="out_proj", quant=self.quant)(o)
 
 
 class CLIPMLP(nn.Module):
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        x = dense(c.intermediate_size, ("vis_embed", "vis_mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
+        x = dense(c.intermediate_size, ("vis_embed", "vis_mlp"), use_bias=True, dtype=self.dtype, name="fc1",
+                  quant=self.quant)(x)
         x = ACTIVATIONS[c.hidden_act](x)
-        return dense(c.hidden_size, ("vis_mlp", "vis_embed"), use_bias=True, dtype=self.dtype, name="fc2")(x)
+        return dense(c.hidden_size, ("vis_mlp", "vis_embed"), use_bias=True, dtype=self.dtype, name="fc2",
+                     quant=self.quant)(x)
 
 
 class CLIPEncoderLayer(nn.Module):
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array, _=None):
         c = self.config
         ln = lambda name: layer_norm(c.layer_norm_eps, "vis_embed", dtype=self.dtype, name=name)
-        x = x + CLIPAttention(c, self.dtype, name="self_attn")(ln("layer_norm1")(x))
-        x = x + CLIPMLP(c, self.dtype, name="mlp")(ln("layer_norm2")(x))
+        x = x + CLIPAttention(c, self.dtype, self.quant, name="self_attn")(ln("layer_norm1")(x))
+        x = x + CLIPMLP(c, self.dtype, self.quant, name="mlp")(ln("layer_norm2")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, x  # (carry, per-layer output) so the same layer works under nn.scan
 
@@ -100,6 +107,7 @@ class CLIPEncoder(nn.Module):
     config: CLIPVisionConfig
     runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -112,11 +120,11 @@ class CLIPEncoder(nn.Module):
         if rt.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                               length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            _, hs = scanned(c, self.dtype, name="layers")(x, None)
+            _, hs = scanned(c, self.dtype, self.quant, name="layers")(x, None)
             return hs
         hs = []
         for i in range(c.num_hidden_layers):
-            x, _ = layer_cls(c, self.dtype, name=f"layers_{i}")(x)
+            x, _ = layer_cls(c, self.dtype, self.quant, name=f"layers_{i}")(x)
             hs.append(x)
         return jnp.stack(hs)
 
@@ -127,6 +135,7 @@ class CLIPVisionTransformer(nn.Module):
     config: CLIPVisionConfig
     runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None  # the encoder's linear kernels quantized
 
     @nn.compact
     def __call__(self, pixel_values: Array) -> VisionOutput:
@@ -135,7 +144,7 @@ class CLIPVisionTransformer(nn.Module):
         ln = lambda name: layer_norm(c.layer_norm_eps, "vis_embed", dtype=self.dtype, name=name)
         x = CLIPEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
         x = ln("pre_layrnorm")(x)
-        hs = CLIPEncoder(c, self.runtime, self.dtype, name="encoder")(x)
+        hs = CLIPEncoder(c, self.runtime, self.dtype, self.quant, name="encoder")(x)
         hidden_states = jnp.concatenate([x[None], hs], axis=0)
         # post_layernorm is unused by VipLlava but is part of the checkpoint; computing the
         # pooled output keeps it in the parameter tree (XLA drops it when unused).
