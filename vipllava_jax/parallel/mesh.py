@@ -79,13 +79,31 @@ def logical_dims(config) -> dict[str, list[tuple[str, int]]]:
     """Logical axis name -> the model dimensions it labels, for divisibility checks.
 
     The head axes are checked on the head *count* (a head is never split), which also covers the
-    [embed, heads*head_dim] kernels."""
+    [embed, heads*head_dim] kernels. With int4 quantization (``config.quantization``) a quantized kernel's input
+    axis holds input/tile_size scale rows, sharded like it: the tile count must divide too, so that no device
+    holds part of a tile."""
     tc, vc = config.text, config.vision
     heads = [("text num_attention_heads", tc.num_attention_heads)]
     kv = [("text num_key_value_heads", tc.num_key_value_heads)]
     mlp = [("text intermediate_size", tc.intermediate_size)]
     vocab = [("vocab_size", tc.vocab_size)]
-    return {
+    q = getattr(config, "quantization", None)
+    tiles: dict[str, list[tuple[str, int]]] = {}
+    if q is not None and q.tiled:
+        def tile(name, what, n):
+            tiles.setdefault(name, []).append((f"int4 tiles of {what} ({n} / tile_size {q.tile_size})",
+                                               n // q.tile_size))
+        tile("embed", "text hidden_size", tc.hidden_size)
+        tile("heads", "o_proj input", tc.num_attention_heads * tc.head_dim)
+        tile("mlp", "down_proj input", tc.intermediate_size)
+        if q.vision_tower:
+            tile("vis_embed", "vision hidden_size", vc.hidden_size)
+            tile("vis_mlp", "vision intermediate_size", vc.intermediate_size)
+            tile("vis_heads", "vision out_proj input", vc.hidden_size)
+        if q.projector:
+            tile("vis_concat", "projector input", config.num_feature_layers * vc.hidden_size)
+            tile("proj_hidden", "projector hidden size", tc.hidden_size)
+    dims = {
         "heads": heads, "act_heads": heads, "kv_heads": kv, "act_kv_heads": kv, "cache_kv_heads": kv,
         "mlp": mlp, "act_mlp": mlp, "vocab": vocab, "act_vocab": vocab,
         "embed": [("text hidden_size", tc.hidden_size)],
@@ -96,6 +114,9 @@ def logical_dims(config) -> dict[str, list[tuple[str, int]]]:
         "vis_concat": [(f"projector input ({config.num_feature_layers} x vision hidden_size)",
                         config.num_feature_layers * vc.hidden_size)],
     }
+    for name, extra in tiles.items():
+        dims[name] = dims[name] + extra
+    return dims
 
 
 def check_mesh_fits(sizes: Mapping[str, int], config, rules: Rules = LOGICAL_AXIS_RULES) -> None:
