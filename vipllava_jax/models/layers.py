@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from .quantize import QuantConfig, with_quantized_kernel
+
 Array = jax.Array
 
 # HF activation names -> functions. Exactly the math of transformers.activations.
@@ -50,9 +52,39 @@ def logical(init, names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, names)
 
 
-def dense(features: int, names: tuple[str, str], *, use_bias: bool, dtype, name: str) -> nn.Dense:
-    """A Dense whose kernel [in, out] and bias [out] carry logical axis names."""
-    return nn.Dense(
+# The variable collection of low-rank adapters (`LoraDense`): beside "params", never in it.
+LORA_COLLECTION = "lora"
+
+
+class LoraDense(nn.Dense):
+    """nn.Dense (the same "kernel" / "bias" params) that adds a low-rank adapter when the "lora" collection holds
+    one at this module's path: ``y = x W + b + (x A) B`` with ``lora_a`` A [in, r] and ``lora_b`` B [r, out], the
+    LoRA scale alpha / r already folded into B by whoever passes the collection (training.lora). The adapter is
+    never merged into W: a gradient taken with respect to A and B only never forms a full-size [in, out] weight
+    gradient, and W may stay frozen, bf16 or quantized. Without a "lora" collection it is exactly nn.Dense.
+    A and B are cast to the compute dtype (fp32 master copies, bf16 compute)."""
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        y = super().__call__(inputs)
+        if not self.has_variable(LORA_COLLECTION, "lora_a"):
+            return y
+        a = self.get_variable(LORA_COLLECTION, "lora_a")
+        b = self.get_variable(LORA_COLLECTION, "lora_b")
+        x, a, b = nn.dtypes.promote_dtype(inputs, a, b, dtype=self.dtype)
+        return y + jnp.dot(jnp.dot(x, a), b).astype(y.dtype)
+
+
+def dense(features: int, names: tuple[str, str], *, use_bias: bool, dtype, name: str,
+          lora: bool = False, quant: QuantConfig | None = None) -> nn.Dense:
+    """A Dense whose kernel [in, out] and bias [out] carry logical axis names; ``lora``: a `LoraDense`, which
+    also adds the adapter the "lora" collection holds for it (if any); ``quant``: the kernel quantized
+    (`quantize.QuantDense`; with ``lora`` the adapter sits on the quantized kernel: QLoRA)."""
+    cls = LoraDense if lora else nn.Dense
+    if quant is not None:
+        return with_quantized_kernel(cls)(features, use_bias=use_bias, dtype=dtype, quant=quant, names=tuple(names),
+                                          bias_init=logical(nn.initializers.zeros_init(), (names[1],)), name=name)
+    return cls(
         features,
         use_bias=use_bias,
         dtype=dtype,

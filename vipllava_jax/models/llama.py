@@ -11,6 +11,7 @@ the cache length and attends to every slot its mask marks, in any order.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,7 +21,8 @@ import flax.linen as nn
 from flax import struct
 
 from .config import LlamaConfig, Runtime, check_runtime
-from .layers import ACTIVATIONS, REMAT_POLICIES, RMSNorm, attention, dense, logical
+from .layers import ACTIVATIONS, LORA_COLLECTION, REMAT_POLICIES, RMSNorm, attention, dense, logical
+from .quantize import QuantConfig
 
 Array = jax.Array
 
@@ -113,15 +115,17 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None  # the projections' kernels quantized (models.quantize)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, index):
         c = self.config
         n, k_, h, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         b, t, _ = x.shape
-        q = dense(n * h, ("embed", "heads"), use_bias=c.attention_bias, dtype=self.dtype, name="q_proj")(x)
-        k = dense(k_ * h, ("embed", "kv_heads"), use_bias=c.attention_bias, dtype=self.dtype, name="k_proj")(x)
-        v = dense(k_ * h, ("embed", "kv_heads"), use_bias=c.attention_bias, dtype=self.dtype, name="v_proj")(x)
+        lin = functools.partial(dense, use_bias=c.attention_bias, dtype=self.dtype, lora=True, quant=self.quant)  # adapter-aware
+        q = lin(n * h, ("embed", "heads"), name="q_proj")(x)
+        k = lin(k_ * h, ("embed", "kv_heads"), name="k_proj")(x)
+        v = lin(k_ * h, ("embed", "kv_heads"), name="v_proj")(x)
         q = apply_rope(q.reshape(b, t, n, h), cos, sin)
         k = apply_rope(k.reshape(b, t, k_, h), cos, sin)
         v = v.reshape(b, t, k_, h)
@@ -135,36 +139,39 @@ class LlamaAttention(nn.Module):
             cv = nn.with_logical_constraint(cv, ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"))
             k, v, layer_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
         o = attention(q, k, v, mask, h**-0.5, self.runtime.attn_impl).reshape(b, t, n * h)
-        o = dense(d, ("heads", "embed"), use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(o)
+        o = lin(d, ("heads", "embed"), name="o_proj")(o)
         return o, layer_cache
 
 
 class LlamaMLP(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        g = dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, dtype=self.dtype, name="gate_proj")(x)
-        u = dense(c.intermediate_size, ("embed", "mlp"), use_bias=c.mlp_bias, dtype=self.dtype, name="up_proj")(x)
+        lin = functools.partial(dense, use_bias=c.mlp_bias, dtype=self.dtype, lora=True, quant=self.quant)  # adapter-aware
+        g = lin(c.intermediate_size, ("embed", "mlp"), name="gate_proj")(x)
+        u = lin(c.intermediate_size, ("embed", "mlp"), name="up_proj")(x)
         y = nn.with_logical_constraint(ACTIVATIONS[c.hidden_act](g) * u, ("batch", "length", "act_mlp"))
-        return dense(c.hidden_size, ("mlp", "embed"), use_bias=c.mlp_bias, dtype=self.dtype, name="down_proj")(y)
+        return lin(c.hidden_size, ("mlp", "embed"), name="down_proj")(y)
 
 
 class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
     runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, index):
         """x [B, T, D]; layer_cache (k, v) [B, S, K, H] or None. Returns (x, (x, layer_cache))."""
         c = self.config
-        a, layer_cache = LlamaAttention(c, self.runtime, self.dtype, name="self_attn")(
+        a, layer_cache = LlamaAttention(c, self.runtime, self.dtype, self.quant, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, layer_cache, index)
         x = x + a
-        x = x + LlamaMLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        x = x + LlamaMLP(c, self.dtype, self.quant, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return x, (x, layer_cache)
 
@@ -186,11 +193,13 @@ def causal_mask(attention_mask: Array | None, cache: KVCache | None, b: int, t: 
 
 
 class LlamaModel(nn.Module):
-    """HF ``LlamaModel`` without the lm_head (which VipLlava keeps at the top level)."""
+    """HF ``LlamaModel`` without the lm_head (which VipLlava keeps at the top level). ``quant``: the decoder
+    layers' linear kernels quantized (`models.quantize`)."""
 
     config: LlamaConfig
     runtime: Runtime = Runtime()
     dtype: Any = jnp.float32
+    quant: QuantConfig | None = None
 
     def setup(self):
         check_runtime(self.runtime, "LlamaModel")
@@ -202,11 +211,11 @@ class LlamaModel(nn.Module):
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[rt.remat_policy], prevent_cse=not rt.scan_layers)
         if rt.scan_layers:
             self.layers = nn.scan(
-                layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                layer_cls, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c, rt, self.dtype)
+                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(c, rt, self.dtype, self.quant)
         else:
-            self.layers = [layer_cls(c, rt, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            self.layers = [layer_cls(c, rt, self.dtype, self.quant, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids: Array) -> Array:

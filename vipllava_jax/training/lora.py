@@ -1,10 +1,12 @@
-"""LoRA adapters on the language model's linear layers, kept beside the frozen weights and merged on the fly.
+"""LoRA adapters on the language model's linear layers, kept beside the frozen weights, never merged in training.
 
 For a target kernel W [.., in, out] (a leading L axis when layers are scanned) the adapter is
-A [.., in, r] and B [.., r, out], and the layer computes with W + (alpha / r) * A @ B. B starts at zero, so
-the adapted model starts equal to the base model (as PEFT). Only A and B (and whatever else the stage trains)
-get gradients and optimizer state. Merging is the same expression, so an exported model computes exactly what
-was trained (up to the rounding of one add).
+A [.., in, r] and B [.., r, out], and the layer computes ``x W + (alpha / r) (x A) B`` (`models.layers.LoraDense`
+reads them from the model's "lora" variable collection, `lora_collection`). W is an input the gradient is not
+taken for: no [in, out] weight gradient is ever formed, and W may be bf16 or quantized (QLoRA). B starts at zero,
+so the adapted model starts equal to the base model (as PEFT). Only A and B (and whatever else the stage trains)
+get gradients and optimizer state. Export merges W + (alpha / r) A B (`apply_lora`): the same function up to
+rounding.
 
 Einsum letters: L layers, I in features, O out features, R rank.
 """
@@ -82,6 +84,12 @@ def init_lora(params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dic
                                                    -bound, bound)
         out[base + "/lora_b"] = jnp.zeros(lead + (cfg.rank, n_out), dtype)
     return _nest(out)
+
+
+def lora_collection(lora: dict, cfg: LoraConfig) -> dict:
+    """The model's "lora" variable collection for an adapter tree: the same paths, A as is and B times alpha / r
+    (folded in here, [r, out] multiplies, so the layer needs no scale; the gradient flows through it)."""
+    return _nest({p: cfg.scale * v if p.endswith("/lora_b") else v for p, v in flat_paths(lora).items()})
 
 
 def apply_lora(params, lora: dict, cfg: LoraConfig):

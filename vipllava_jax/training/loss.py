@@ -46,7 +46,7 @@ def check_labels(labels, vocab_size: int) -> None:
                          f"in [0, {vocab_size})")
 
 
-def loss_fn(module, params, batch: Mapping[str, Any], *, num_tokens=None) -> tuple[Array, dict]:
+def loss_fn(module, params, batch: Mapping[str, Any], *, num_tokens=None, lora=None) -> tuple[Array, dict]:
     """``(loss, metrics)`` of one batch, equal to ``VipLlavaForConditionalGeneration(..., labels=labels).loss``.
 
     batch: ``input_ids`` [B, T], ``attention_mask`` [B, T], ``pixel_values`` [I, 3, H, W] (absent or None for
@@ -58,6 +58,7 @@ def loss_fn(module, params, batch: Mapping[str, Any], *, num_tokens=None) -> tup
     count as the denominator: with gradient accumulation pass the whole global batch's count to every
     micro-batch, so the sum of micro-batch losses equals the big batch's loss exactly (not a mean of means).
     With no supervised token the loss is 0 (HF's mean over nothing is NaN).
+    ``lora``: the model's "lora" variable collection (`training.lora.lora_collection`), adapters added unmerged.
     metrics: ``loss``, ``nll_sum`` (sum over this batch), ``num_tokens`` (this batch's supervised count)."""
     labels = batch["labels"]
     check_labels(labels, module.config.text.vocab_size)
@@ -66,7 +67,8 @@ def loss_fn(module, params, batch: Mapping[str, Any], *, num_tokens=None) -> tup
         # Real images first, in order (each host pads its own images, so padding can sit between hosts' images).
         order = jnp.argsort(~jnp.asarray(valid, bool), stable=True)
         pixels, valid = jnp.asarray(pixels)[order], jnp.asarray(valid, bool)[order]
-    out = module.apply({"params": params}, batch["input_ids"], pixels, batch.get("attention_mask"),
+    variables = {"params": params} if not lora else {"params": params, "lora": lora}
+    out = module.apply(variables, batch["input_ids"], pixels, batch.get("attention_mask"),
                        image_valid=valid)
     nll_sum, count = token_nll_sum(out.logits, jnp.asarray(labels))
     denom = count if num_tokens is None else num_tokens

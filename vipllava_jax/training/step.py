@@ -22,7 +22,7 @@ from ..parallel.jit import jit_sharded
 from ..parallel.mesh import batch_divisor
 from ..parallel.rules import LOGICAL_AXIS_RULES, rule_axes
 from ..parallel.shardings import logical_to_sharding
-from .lora import LoraConfig, apply_lora
+from .lora import LoraConfig, apply_lora, lora_collection
 from .loss import loss_fn, num_supervised
 from .optim import merge_params
 
@@ -54,11 +54,19 @@ def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
 
 
 def compute_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None) -> dict:
-    """The full parameter tree the model runs with: trainable and frozen parts joined, LoRA merged."""
+    """The full parameter tree of the trained model with LoRA merged in (what export writes)."""
     params = merge_params(trainable.get("params", {}), frozen)
     if lora_cfg is not None and trainable.get("lora"):
         params = apply_lora(params, trainable["lora"], lora_cfg)
     return params
+
+
+def model_inputs(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None) -> tuple[dict, dict | None]:
+    """What the step runs the model with: (params, the "lora" collection or None). The adapters stay unmerged
+    (``x W + (alpha/r) (x A) B``), so differentiating with respect to ``trainable`` never touches a frozen W."""
+    params = merge_params(trainable.get("params", {}), frozen)
+    lora = trainable.get("lora")
+    return params, (lora_collection(lora, lora_cfg) if lora_cfg is not None and lora else None)
 
 
 def _micro(batch: dict, i) -> dict:
@@ -69,7 +77,8 @@ def make_train_step(module, tx: optax.GradientTransformation, cfg: StepConfig = 
     """``step(state, frozen, batch) -> (state, metrics)``, not yet jitted (see `jit_train_step`)."""
 
     def micro_loss(trainable, frozen, mb, total):
-        return loss_fn(module, compute_params(trainable, frozen, cfg.lora), mb, num_tokens=total)
+        params, lora = model_inputs(trainable, frozen, cfg.lora)
+        return loss_fn(module, params, mb, num_tokens=total, lora=lora)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -103,10 +112,10 @@ def make_eval_step(module, cfg: StepConfig = StepConfig()) -> Callable:
     """``eval(state, frozen, batch) -> {"nll_sum", "num_tokens"}`` summed over the micro-batch axis."""
 
     def ev(state: TrainState, frozen: dict, batch: dict):
-        params = compute_params(state.trainable, frozen, cfg.lora)
+        params, lora = model_inputs(state.trainable, frozen, cfg.lora)
 
         def body(acc, mb):
-            _, m = loss_fn(module, params, mb)
+            _, m = loss_fn(module, params, mb, lora=lora)
             return (acc[0] + m["nll_sum"], acc[1] + m["num_tokens"]), None
 
         (s, n), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), batch)
