@@ -2,6 +2,8 @@
 
     vipllava-jax plan --mesh "fsdp=8" --config 7b --batch 8 --seq-len 2048
     vipllava-jax plan --mesh auto --devices 16 --config 13b --batch 16 --seq-len 4096 --device-memory 16
+    vipllava-jax plan --config 7b --quantize int4 --device-memory 16                 # int4 weights
+    vipllava-jax plan --config 7b --stage lora --quantize int4 --device-memory 16    # a QLoRA training step
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 import jax
 
 from ..checkpoints.load import load_config
-from ..parallel.plan import find_preset, plan_memory
+from ..parallel.plan import find_preset, plan_memory, plan_training
+from ..training.optim import STAGES
+from .common import add_quantize_args
 
 
 def register(sub) -> None:
@@ -37,6 +41,14 @@ def register(sub) -> None:
     p.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                    help="memory per device in GiB: say whether the plan fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_quantize_args(p)
+    p.add_argument("--stage", choices=sorted(STAGES), default=None,
+                   help="plan a training step of this stage (trained parts and LoRA adapters as fp32 master "
+                        "copies + gradients + AdamW moments, frozen parts in --dtype or --quantize; no KV cache) "
+                        "instead of serving")
+    p.add_argument("--lora-rank", type=int, default=128, help="with --stage lora: the adapters' rank (default 128)")
+    p.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"),
+                   help="with --stage: the layers' rematerialisation (default full)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +62,16 @@ def run(args: argparse.Namespace) -> int:
     config = args.config
     if find_preset(config) is None and Path(config).is_dir():
         config = load_config(config)
-    plan = plan_memory(config, args.mesh, args.batch, args.seq_len, args.dtype, cache_dtype=args.cache_dtype,
-                       num_images=args.images, n_devices=n, full_logits=args.full_logits, device_memory_bytes=mem)
+    q = dict(quantize=args.quantize, quantize_tile_size=args.quantize_tile_size)
+    if args.stage is not None:
+        if find_preset(config) is not None:
+            config = find_preset(config)
+        plan = plan_training(config, args.mesh, args.batch, args.seq_len, args.dtype, trained=STAGES[args.stage],
+                             lora_rank=args.lora_rank if args.stage == "lora" else None, remat=args.remat,
+                             num_images=args.images, n_devices=n, device_memory_bytes=mem, stage=args.stage, **q)
+    else:
+        plan = plan_memory(config, args.mesh, args.batch, args.seq_len, args.dtype, cache_dtype=args.cache_dtype,
+                           num_images=args.images, n_devices=n, full_logits=args.full_logits, device_memory_bytes=mem,
+                           **q)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
     return 0
