@@ -1,7 +1,7 @@
 """``vipllava-jax demo``: the shipped demo model answers a question about a marked object in a fresh synthetic
 scene, then its accuracy on held-out scenes (the library half is `vipllava_jax.evals.demo`).
 
-    vipllava-jax demo [--seed N] [--save-marked scene.png] [--n-eval 200] [--model DIR]
+    vipllava-jax demo [--seed N] [--save-marked scene.png] [--n-eval 200] [--model DIR] [--quantize int8|int4]
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import argparse
 
 from ..evals.demo import N_HELDOUT, run_demo, shipped_model_available
 from . import selfcheck
+from .common import add_quantize_args, quantize_kwargs
 
 
 def register(sub) -> None:
@@ -23,6 +24,7 @@ def register(sub) -> None:
                    help="a demo-format HF directory, e.g. WORK/run/hf from train/train_demo.py (default: the shipped "
                         "model)")
     p.add_argument("--workdir", default=None, help="the self-check's working directory (when it runs)")
+    add_quantize_args(p)
     p.set_defaults(func=run)
 
 
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         print("No trained demo model is shipped in this release (train one with train/train_demo.py and pass "
               "--model WORK/run/hf); running `vipllava-jax selfcheck` instead.")
         return selfcheck.run(args)
-    res = run_demo(args.seed, out_image=args.save_marked, n_eval=args.n_eval, model=args.model)
+    res = run_demo(args.seed, out_image=args.save_marked, n_eval=args.n_eval, model=args.model,
+                   **quantize_kwargs(args))
     print(f"({res['seconds']:.0f} s)")
     return 0

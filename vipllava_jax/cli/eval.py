@@ -24,7 +24,7 @@ from ..data.prompts import DEFAULT_SYSTEM_PROMPT, TEMPLATES
 from ..evals.evaluation import (METRICS, check_output_path, check_unique_question_ids, evaluate, load_eval_records,
                                 write_answers, write_vipbench_results)
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
-from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
+from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache, add_quantize_args, quantize_kwargs
 
 
 def register(sub) -> None:
@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="orbax directory: skip checking each file's checksum before loading (faster; a file "
                         "damaged in place then loads as weights)")
+    add_quantize_args(p)
     p.add_argument("--data", required=True, help="training-format JSON/JSONL or a ViP-Bench questions file")
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     p.add_argument("--output", required=True, help="answers file to write (JSONL, model_vqa's keys)")
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if jax.device_count() > 1 or args.mesh not in (None, "", "auto"):
         mesh = mesh_from_args(args, config)
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process(),
-                                     verify=not args.no_verify)
+                                     verify=not args.no_verify,
+                                     **quantize_kwargs(args))
     answers, score, stats = evaluate(
         module, params, proc, records, image_folder=args.image_folder, batch_size=args.batch_size,
         metric=args.metric, max_new_tokens=args.max_new_tokens, template=args.prompt_style, mesh=mesh,

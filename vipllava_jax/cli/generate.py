@@ -32,7 +32,7 @@ from ..data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt, stop_for_templat
 from ..generation.pipeline import chat_prompt, chat_stop_strings
 from ..generation.text import generate_text, generate_text_stream
 from ..parallel.distributed import add_distributed_args, initialize_from_args, is_main_process, mesh_from_args
-from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
+from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache, add_quantize_args, quantize_kwargs
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -60,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="orbax directory: skip checking each file's checksum before loading (faster; a file "
                         "damaged in place then loads as weights)")
+    add_quantize_args(p)
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeat for several)")
     p.add_argument("--prompt", action="append", default=None,
                    help="the question (repeat for a batch of prompts about the same images); '<bbox>' is "
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
         mesh = mesh_from_args(args, config)
     t0 = time.perf_counter()
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process(),
-                                     verify=not args.no_verify)
+                                     verify=not args.no_verify,
+                                     **quantize_kwargs(args))
     if is_main_process():
         print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)

@@ -27,7 +27,7 @@ from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
 from ..generation.engine import Engine
 from ..parallel.mesh import make_mesh
-from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache
+from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache, add_quantize_args, quantize_kwargs
 
 
 def register(sub) -> None:
@@ -59,6 +59,7 @@ def register(sub) -> None:
                    help="parameter/compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--no-verify", action="store_true",
                    help="orbax directory: skip checking each file's checksum before loading")
+    add_quantize_args(p)
     p.add_argument("--compilation-cache", default=str(DEFAULT_CACHE_DIR),
                    help="JAX persistent compilation cache directory ('' to turn it off): a second start warms "
                         "up from it")
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                              "for now (Engine(mesh=...) is not implemented)")
     dtype = auto_dtype(args.dtype)
     t0 = time.perf_counter()
-    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), progress=False, verify=not args.no_verify)
+    module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), progress=False, verify=not args.no_verify,
+                                     **quantize_kwargs(args))
     print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}]",
           file=sys.stderr, flush=True)
     engine = Engine(module, params, proc, max_batch=args.max_batch, max_model_len=args.max_model_len,

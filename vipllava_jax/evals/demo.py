@@ -114,26 +114,30 @@ def check_demo_tokenizer(processor, where) -> None:
                          f"(or omit --model for the shipped one)")
 
 
-def _load(model):
-    """model: a directory, or (module, params, processor) -> (module, params, processor)."""
+def _load(model, quantize=None, quantize_tile_size: int = 128):
+    """model: a directory, or (module, params, processor) -> (module, params, processor). quantize: "int8" /
+    "int4" loads a directory's weights quantized (`load_pretrained`)."""
     if isinstance(model, (tuple, list)):
         return tuple(model)
-    module, params = load_pretrained(model, jnp.float32, progress=False)
+    module, params = load_pretrained(model, jnp.float32, progress=False, quantize=quantize,
+                                     quantize_tile_size=quantize_tile_size)
     return module, params, Processor.from_pretrained(model)
 
 
 def heldout_accuracy(model=None, n: int = N_HELDOUT, *, template: str = DEMO_TEMPLATE,
                      system: str = DEMO_SYSTEM_PROMPT, batch_size: int | None = None, progress: bool = False,
                      data_dir=None, question_types: Sequence[str] = QUESTION_TYPES,
-                     marker_kinds: Sequence[str] = MARKER_KINDS) -> dict:
+                     marker_kinds: Sequence[str] = MARKER_KINDS, quantize=None,
+                     quantize_tile_size: int = 128) -> dict:
     """Exact-match accuracy of `model` (a directory, (module, params, processor), or None: the shipped model)
     on the first `n` held-out scenes, with `evaluation.evaluate` (greedy, batched). question_types /
-    marker_kinds: a reduced task's held-out scenes (`write_heldout`), its chance for those types.
+    marker_kinds: a reduced task's held-out scenes (`write_heldout`), its chance for those types. quantize /
+    quantize_tile_size: a directory's weights loaded int8 / int4 (`load_pretrained`).
 
     Returns {"accuracy", "by_type" {question type: accuracy}, "chance", "chance_by_type", "n", "seconds",
     "answers"}. data_dir: where to write the scenes (default: a temporary directory, removed after)."""
     t0 = time.perf_counter()
-    module, params, processor = _load(demo_model_path() if model is None else model)
+    module, params, processor = _load(demo_model_path() if model is None else model, quantize, quantize_tile_size)
     with tempfile.TemporaryDirectory(prefix="vipllava-heldout-") as tmp:
         folder = Path(data_dir) if data_dir is not None else Path(tmp)
         path = write_heldout(folder, n, question_types=question_types, marker_kinds=marker_kinds)
@@ -154,7 +158,8 @@ def format_accuracy(res: dict) -> str:
 
 
 def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: Callable[..., Any] = print,
-             model=None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+             model=None, max_new_tokens: int = MAX_NEW_TOKENS, quantize=None,
+             quantize_tile_size: int = 128) -> dict:
     """Show the demo model at work, in a few lines written with `stream` (a print-like callable; the answer is
     written piece by piece with ``end=""``):
 
@@ -166,6 +171,7 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
        against chance, per question type too (n_eval=0 skips it).
 
     model: an HF directory of a demo-format model, or (module, params, processor); None: the shipped model.
+    quantize: "int8" / "int4" (``quantize_tile_size``): its weights loaded quantized (`load_pretrained`).
     Returns {"question", "answer", "truth", "correct", "image", "accuracy" (None when skipped), "by_type",
     "chance", "seconds"}.
     """
@@ -173,9 +179,11 @@ def run_demo(seed: int = 0, *, out_image=None, n_eval: int = N_HELDOUT, stream: 
     model = demo_model_path() if model is None else model
     if not isinstance(model, (tuple, list)):  # the tokenizer's words before minutes of loading weights
         check_demo_tokenizer(Processor.from_pretrained(model), model)
-    module, params, processor = _load(model)
+    module, params, processor = _load(model, quantize, quantize_tile_size)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    stream(f"Model: {describe_model(model)} ({n_params / 1e6:.1f}M parameters)")
+    q = module.config.quantization
+    stream(f"Model: {describe_model(model)} ({n_params / 1e6:.1f}M parameters"
+           + (f", {q.mode} linears" if q else "") + ")")
 
     scene = demo_scene(seed)
     out_image = Path(out_image) if out_image is not None else \
