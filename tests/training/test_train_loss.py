@@ -15,7 +15,8 @@ from vipllava_jax.checkpoints.hf_table import canonical_key
 from vipllava_jax.testing import TINY_IMAGE_TOKEN, make_tiny_checkpoint
 from vipllava_jax.testing import rel_err
 from vipllava_jax.training import loss_fn
-from vipllava_jax.training.lora import LoraConfig, apply_lora, init_lora
+from vipllava_jax.checkpoints.adapter import merge_lora
+from vipllava_jax.training.lora import LoraConfig, init_lora
 from vipllava_jax.training.optim import (is_muon_matrix, lr_schedule, make_optimizer, merge_params,
                                          split_params)
 from vipllava_jax.training.step import StepConfig, init_state, make_train_step
@@ -284,7 +285,7 @@ def test_lora_merge_equals_unmerged_torch_forward(tiny):
     cfg = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     lora = init_lora(params, cfg, jax.random.key(0))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), lora)  # B != 0
-    merged = apply_lora(params, lora, cfg)
+    merged = merge_lora(params, lora, cfg.scale)
     batch = make_batch(np.random.default_rng(4))
     ours = module.apply({"params": merged}, batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
     flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(lora, sep="/").items()}

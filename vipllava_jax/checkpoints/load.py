@@ -13,6 +13,7 @@ from ..models.params import flat_paths
 from ..models.quantize import DEFAULT_TILE_SIZE, QuantConfig, make_quant_config
 from ..parallel.mesh import check_mesh
 from ..parallel.shardings import param_shardings
+from .adapter import apply_adapter, read_adapter, requantize
 from .config_file import CheckpointError, load_config_file
 from .convert import load_hf_params
 from .orbax import is_orbax_dir, restore_orbax
@@ -63,7 +64,7 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
                     attn_impl: str = "auto", runtime: Runtime | None = None, progress: bool = True,
                     verify: bool = True, quantize: str | QuantConfig | None = None,
                     quantize_tile_size: int = DEFAULT_TILE_SIZE, quantize_vision_tower: bool = False,
-                    quantize_projector: bool = False, quantize_lm_head: bool = False):
+                    quantize_projector: bool = False, quantize_lm_head: bool = False, adapter=None):
     """Load a VipLlava model: ``(module, params)``.
 
     path: an HF directory (config.json + safetensors / sharded index / pytorch_model.bin), a hub id where a
@@ -81,6 +82,10 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     ``_lm_head`` quantize those linears too. Scales are in ``dtype``. ``module.config.quantization`` records it.
     A directory written by ``vipllava-jax convert --quantize`` restores quantized with no argument (giving a
     different ``quantize=`` is an error).
+    adapter: a PEFT LoRA adapter directory (`checkpoints.adapter`: adapter_config.json +
+    adapter_model.safetensors, e.g. RUN_DIR/adapter or one saved by ``peft``) merged into the weights,
+    W + (lora_alpha / r) A B (a quantized kernel is dequantized, merged and quantized again); a key or shape that
+    does not fit this model, or a PEFT feature we do not compute, is an `AdapterError` naming it.
     """
     layout = dict(scan_layers=scan_layers, remat_policy=remat_policy, attn_impl=attn_impl)
     if runtime is None:
@@ -99,4 +104,7 @@ def load_pretrained(path, dtype=jnp.float32, *, mesh=None, scan_layers: bool = F
     else:
         shardings = flat_paths(param_shardings(cfg, mesh, scan_layers=scan)) if mesh is not None else None
         params = load_hf_params(p, cfg, dtype=dtype, shardings=shardings, progress=progress, scan_layers=scan)
+    if adapter is not None:
+        params = requantize(apply_adapter(params, read_adapter(adapter, params), cfg.quantization), params,
+                            cfg.quantization)
     return module, params

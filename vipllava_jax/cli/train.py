@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from ..checkpoints.adapter import adapter_targets, read_adapter_config
 from ..data.prompts import TEMPLATES
 from ..parallel.distributed import add_distributed_args, initialize_from_args
 from ..training.config import FIELDS, TrainConfig, read_config_file
@@ -73,6 +74,13 @@ def register(sub) -> None:
     p.add_argument("--lora-rank", type=int, default=S)
     p.add_argument("--lora-alpha", type=float, default=S)
     p.add_argument("--lora-targets", default=S, help=f"comma-separated, from {','.join(LORA_TARGETS)}")
+    p.add_argument("--init-adapter", default=S, metavar="DIR",
+                   help="stage lora: start from this PEFT LoRA adapter (adapter_config.json + "
+                        "adapter_model.safetensors); its r, lora_alpha and targets are the run's unless given")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=S,
+                   help="keep the frozen language-model linears in int8/int4 (qwix), adapters in fp32: QLoRA with "
+                        "--stage lora (add --dtype bfloat16 for bf16 compute)")
+    p.add_argument("--quantize-tile-size", type=int, default=S, help="int4: input rows per scale (default 128)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=S, help="compute dtype (params stay fp32)")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default=S)
     p.add_argument("--scan-layers", type=_bool, nargs="?", const=True, default=S)
@@ -98,6 +106,12 @@ def register(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = read_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    if values.get("init_adapter"):  # the adapter's LoRA settings, where the run gives none
+        ad = read_adapter_config(values["init_adapter"])
+        values.setdefault("lora_rank", ad["r"])
+        values.setdefault("lora_alpha", float(ad["lora_alpha"]))
+        if "lora_targets" not in values:
+            values["lora_targets"] = adapter_targets(values["init_adapter"])
     for req in ("model", "data", "output"):
         if not values.get(req):
             raise ValueError(f"--{req} is required (on the command line or in --config)")

@@ -189,6 +189,9 @@ class TrainConfig(DataSettings):
     lora_rank: int = 128
     lora_alpha: float = 256.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    init_adapter: str | None = None  # a PEFT LoRA adapter directory to start the adapters (and projector) from
+    quantize: str | None = None  # "int8" / "int4": the frozen language-model linears quantized (QLoRA)
+    quantize_tile_size: int = 128  # int4: input rows per scale
     dtype: str = "float32"  # compute dtype; parameters stay fp32 master copies
     remat: str = "full"
     scan_layers: bool = True
@@ -220,9 +223,16 @@ class TrainConfig(DataSettings):
             raise ValueError(f"Unknown stage {self.stage!r}; choose from {list(STAGES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
+        if self.quantize is not None and self.quantize not in ("int8", "int4"):
+            raise ValueError(f"quantize must be int8 or int4 (or unset), got {self.quantize!r}")
+        if self.quantize is not None and self.stage in ("full", "all"):
+            raise ValueError(f"quantize={self.quantize} keeps the language model's weights frozen in {self.quantize}: "
+                             f"use stage lora (QLoRA) or projector, not {self.stage}")
+        if self.init_adapter is not None and self.stage != "lora":
+            raise ValueError(f"init_adapter starts LoRA adapters: it needs stage lora, not {self.stage}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        for f in ("batch_size", "grad_accum", "max_length", "log_every", "keep"):
+        for f in ("batch_size", "grad_accum", "max_length", "log_every", "keep", "quantize_tile_size"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")

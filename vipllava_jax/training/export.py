@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ..checkpoints.atomic import atomic_output_dir
+from ..checkpoints.adapter import save_adapter
 from ..checkpoints.convert import save_hf
 from .lora import LoraConfig
 from .step import TrainState, compute_params
@@ -67,7 +68,7 @@ def export_hf(state: TrainState, frozen: dict, config, out_dir, *, lora: LoraCon
     Written into a temporary sibling and swapped in, so ``out_dir`` is at every moment absent, the old directory
     whole or the new one whole; an existing ``out_dir`` is replaced (the caller checks `export_owner` first).
     Every process must call it (the gather is collective); process 0 writes. Returns the path on process 0."""
-    params = jax.jit(compute_params, static_argnums=2)(state.trainable, frozen, lora)
+    params = jax.jit(compute_params, static_argnums=(2, 3))(state.trainable, frozen, lora, config.quantization)
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.tree.map(np.asarray, jax.device_get(params))
@@ -75,9 +76,35 @@ def export_hf(state: TrainState, frozen: dict, config, out_dir, *, lora: LoraCon
         return None
     out_dir = Path(out_dir).absolute()
     with atomic_output_dir(out_dir, overwrite=True, collective=False) as tmp:
-        save_hf(params, config, tmp, dtype=dtype, extra_files_from=files_from, overwrite=True)
-        if run_dir is not None:
-            marker = {"written_by": "vipllava-jax train", "run_dir": str(Path(run_dir).absolute()), "step": step,
-                      "train_config_sha256": _config_sha(run_dir)}
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        # a QLoRA run's merged kernels are float (the rest dequantized by save_hf): an HF model has no qwix layout
+        save_hf(params, config.replace(quantization=None), tmp, dtype=dtype, extra_files_from=files_from,
+                overwrite=True)
+        _write_marker(tmp, run_dir, step)
+    return out_dir
+
+
+def _write_marker(tmp: Path, run_dir, step) -> None:
+    if run_dir is not None:
+        marker = {"written_by": "vipllava-jax train", "run_dir": str(Path(run_dir).absolute()), "step": step,
+                  "train_config_sha256": _config_sha(run_dir)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def export_adapter(state: TrainState, out_dir, *, lora: LoraConfig, base_model=None, run_dir=None,
+                   step: int | None = None) -> Path | None:
+    """Write the run's LoRA as a PEFT adapter directory (`checkpoints.adapter.save_adapter`): the adapters, and
+    the projector (which the LoRA stage trains too) in ``modules_to_save``, so ``PeftModel.from_pretrained(base,
+    out_dir)`` computes what was trained. Atomic and marked like `export_hf`; every process calls it."""
+    trainable = state.trainable
+    if jax.process_count() > 1:
+        trainable = multihost_utils.process_allgather(trainable, tiled=True)
+    trainable = jax.tree.map(np.asarray, jax.device_get(trainable))
+    if jax.process_index() != 0:
+        return None
+    out_dir = Path(out_dir).absolute()
+    with atomic_output_dir(out_dir, overwrite=True, collective=False) as tmp:
+        save_adapter(tmp, trainable["lora"], rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
+                     modules=trainable.get("params") or None,
+                     base_model=None if base_model is None else str(base_model))
+        _write_marker(tmp, run_dir, step)
     return out_dir

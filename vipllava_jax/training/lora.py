@@ -5,8 +5,8 @@ A [.., in, r] and B [.., r, out], and the layer computes ``x W + (alpha / r) (x 
 reads them from the model's "lora" variable collection, `lora_collection`). W is an input the gradient is not
 taken for: no [in, out] weight gradient is ever formed, and W may be bf16 or quantized (QLoRA). B starts at zero,
 so the adapted model starts equal to the base model (as PEFT). Only A and B (and whatever else the stage trains)
-get gradients and optimizer state. Export merges W + (alpha / r) A B (`apply_lora`): the same function up to
-rounding.
+get gradients and optimizer state. Export merges W + (alpha / r) A B (`checkpoints.adapter.merge_lora`, which
+also reads and writes PEFT's adapter format): the same function up to rounding.
 
 Einsum letters: L layers, I in features, O out features, R rank.
 """
@@ -24,7 +24,7 @@ from ..models.params import flat_paths
 
 # HF PEFT names; ViP-LLaVA's LoRA recipe adapts every Llama linear (not lm_head, projector or tower).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_TARGET_RE = re.compile(r"^language_model/layers(_\d+)?/(self_attn|mlp)/(\w+)/kernel$")
+_TARGET_RE = re.compile(r"^language_model/layers(_\d+)?/(self_attn|mlp)/(\w+)/kernel(/qvalue)?$")  # or quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class LoraConfig:
 
 
 def target_paths(params, cfg: LoraConfig) -> list[str]:
-    """Flax paths of the kernels the adapters attach to."""
+    """Flax paths of the kernels the adapters attach to (``X/kernel``, or ``X/kernel/qvalue`` when quantized)."""
     out = []
     for p in flat_paths(params):
         m = _TARGET_RE.match(p)
@@ -66,8 +66,9 @@ def _nest(flat: dict) -> dict:
     return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
-def _kernel_path(adapter_path: str) -> str:
-    return adapter_path.rsplit("/", 1)[0] + "/kernel"
+def _kernel_axes(param_axes: dict, adapter_path: str) -> tuple:
+    k = adapter_path.rsplit("/", 1)[0] + "/kernel"
+    return tuple(param_axes[k] if k in param_axes else param_axes[k + "/qvalue"])
 
 
 def init_lora(params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -79,7 +80,7 @@ def init_lora(params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dic
         shape = flat[p].shape
         lead, (n_in, n_out) = shape[:-2], shape[-2:]
         bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on torch's [r, in] weight
-        base = p[: -len("/kernel")]
+        base = p[: p.rindex("/kernel")]
         out[base + "/lora_a"] = jax.random.uniform(jax.random.fold_in(key, i), lead + (n_in, cfg.rank), dtype,
                                                    -bound, bound)
         out[base + "/lora_b"] = jnp.zeros(lead + (cfg.rank, n_out), dtype)
@@ -92,26 +93,11 @@ def lora_collection(lora: dict, cfg: LoraConfig) -> dict:
     return _nest({p: cfg.scale * v if p.endswith("/lora_b") else v for p, v in flat_paths(lora).items()})
 
 
-def apply_lora(params, lora: dict, cfg: LoraConfig):
-    """The parameters the adapted model computes with (also what export writes): W + (alpha / r) A @ B."""
-    if not lora:
-        return params
-    flat = dict(flat_paths(params))
-    ad = flat_paths(lora)
-    for pa in ad:
-        if pa.endswith("/lora_a"):
-            base = pa[: -len("/lora_a")]
-            w = flat[base + "/kernel"]
-            delta = cfg.scale * jnp.einsum("...ir,...ro->...io", ad[pa], ad[base + "/lora_b"])
-            flat[base + "/kernel"] = w + delta.astype(w.dtype)
-    return _nest(flat)
-
-
 def lora_logical_axes(param_axes: dict[str, tuple], lora: dict) -> dict:
     """Logical axis names of each adapter leaf: A keeps the kernel's input axis, B its output axis; the rank
     axis is replicated."""
     out = {}
     for pa in flat_paths(lora):
-        names = tuple(param_axes[_kernel_path(pa)])
+        names = _kernel_axes(param_axes, pa)
         out[pa] = names[:-1] + (None,) if pa.endswith("/lora_a") else names[:-2] + (None, names[-1])
     return _nest(out)

@@ -18,11 +18,12 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..checkpoints.adapter import merge_lora
 from ..parallel.jit import jit_sharded
 from ..parallel.mesh import batch_divisor
 from ..parallel.rules import LOGICAL_AXIS_RULES, rule_axes
 from ..parallel.shardings import logical_to_sharding
-from .lora import LoraConfig, apply_lora, lora_collection
+from .lora import LoraConfig, lora_collection
 from .loss import loss_fn, num_supervised
 from .optim import merge_params
 
@@ -53,11 +54,12 @@ def init_state(trainable: dict, tx: optax.GradientTransformation) -> TrainState:
                       skipped_total=z())
 
 
-def compute_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None) -> dict:
-    """The full parameter tree of the trained model with LoRA merged in (what export writes)."""
+def compute_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None, quant=None) -> dict:
+    """The full parameter tree of the trained model with LoRA merged in (what export writes): W + (alpha/r) A B,
+    a quantized W (``quant``, the model's `QuantConfig`) dequantized first."""
     params = merge_params(trainable.get("params", {}), frozen)
     if lora_cfg is not None and trainable.get("lora"):
-        params = apply_lora(params, trainable["lora"], lora_cfg)
+        params = merge_lora(params, trainable["lora"], lora_cfg.scale, quant)
     return params
 
 

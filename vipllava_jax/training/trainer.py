@@ -1,7 +1,8 @@
 """`train(cfg)`: the whole fine-tuning run. Load, shard, loop, log, checkpoint, resume, export.
 
 RUN_DIR layout: ``metrics.jsonl`` (one line per logged step) and TensorBoard events (``tb/``; see metrics.py);
-``checkpoints/`` (orbax, see checkpointing.py), ``hf/`` (the final model, an HF directory) and
+``checkpoints/`` (orbax, see checkpointing.py), ``hf/`` (the final model, an HF directory; LoRA merged), for
+stage lora ``adapter/`` (the same run as a PEFT adapter on the base model: `checkpoints.adapter`) and
 ``train_config.json``. Running the same command again on the same RUN_DIR resumes from the latest checkpoint.
 """
 from __future__ import annotations
@@ -22,16 +23,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from ..checkpoints.adapter import read_adapter
 from ..checkpoints.atomic import is_disk_full
+from ..checkpoints.config_file import CheckpointError
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
 from ..data.records import load_records
+from ..models.params import flat_paths, unflatten_paths
 from ..parallel.mesh import make_mesh
 from ..parallel.shardings import param_logical_axes, param_shardings
 from .checkpointing import DAMAGED_DIR, RunCheckpoints, abstract_like
 from .config import FIELDS, DataConfig, TrainConfig
 from .encoding import DataError, check_records
-from .export import MARKER, export_hf, export_owner, read_marker
+from .export import MARKER, export_adapter, export_hf, export_owner, read_marker
 from .fingerprint import fingerprint_change, run_fingerprint
 from .lora import LoraConfig, init_lora, lora_logical_axes
 from .loss import IGNORE_INDEX
@@ -48,7 +52,7 @@ from .step import (BATCH_KEYS, StepConfig, batch_shardings, host_batch_multiple,
 RESUME_KEYS = ("model", "data", "image_folder", "stage", "max_steps", "epochs", "batch_size", "grad_accum", "lr",
                "warmup_ratio", "weight_decay", "optimizer", "muon_lr", "clip_norm", "max_length", "template",
                "system_prompt", "pad_to_square", "marker_kinds", "lora_rank", "lora_alpha", "lora_targets", "dtype",
-               "seed")
+               "seed", "init_adapter", "quantize", "quantize_tile_size")
 
 
 class TrainError(RuntimeError):
@@ -214,7 +218,8 @@ def setup(cfg: TrainConfig) -> Setup:
         devices = jax.devices()[:cfg.devices]
     mesh = make_mesh(cfg.mesh, load_config(model_dir), devices=devices)
     module, params = load_pretrained(model_dir, jnp.float32, mesh=mesh, scan_layers=cfg.scan_layers,
-                                     remat_policy=cfg.remat, progress=cfg.progress and jax.process_index() == 0)
+                                     remat_policy=cfg.remat, progress=cfg.progress and jax.process_index() == 0,
+                                     quantize=cfg.quantize, quantize_tile_size=cfg.quantize_tile_size)
     if cfg.dtype == "bfloat16":  # fp32 master parameters, bf16 compute
         module = module.clone(dtype=jnp.bfloat16)
     processor = Processor.from_pretrained(model_dir)
@@ -234,7 +239,11 @@ def setup(cfg: TrainConfig) -> Setup:
         axes = param_logical_axes(module.config, scan_layers=module.runtime.scan_layers)
         shapes = jax.eval_shape(lambda k: init_lora(frozen, lora_cfg, k), jax.random.key(0))
         lora_sh = tree_logical_shardings(lora_logical_axes(axes, shapes), mesh)
-        lora = jax.jit(lambda k: init_lora(frozen, lora_cfg, k), out_shardings=lora_sh)(jax.random.key(cfg.seed))
+        if cfg.init_adapter:
+            lora = _adapter_start(cfg, lora_cfg, params, shapes, trainable, train_psh)
+            lora = jax.tree.map(lambda a, sh: jax.device_put(jnp.asarray(a, jnp.float32), sh), lora, lora_sh)
+        else:
+            lora = jax.jit(lambda k: init_lora(frozen, lora_cfg, k), out_shardings=lora_sh)(jax.random.key(cfg.seed))
         trainable["lora"], trainable_sh["lora"] = lora, lora_sh
     tx = make_optimizer(cfg.learning_rate, steps, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                         clip_norm=cfg.clip_norm, optimizer=cfg.optimizer, muon_lr=cfg.muon_lr)
@@ -246,6 +255,33 @@ def setup(cfg: TrainConfig) -> Setup:
                  state_sh=state_sh,
                  abstract_state=abstract, tx=tx, batch_multiple=host_batch_multiple(mesh),
                  step_cfg=StepConfig(lora=lora_cfg, skip_nonfinite=cfg.skip_nonfinite))
+
+
+def _adapter_start(cfg: TrainConfig, lora_cfg: LoraConfig, params, shapes, trainable: dict, train_psh) -> dict:
+    """The adapters of ``cfg.init_adapter`` (a PEFT directory) as the run's starting point, checked against the
+    run's rank, alpha and targets; a projector it saves replaces the base's in ``trainable`` (in place)."""
+    try:
+        ad = read_adapter(cfg.init_adapter, params)
+    except CheckpointError as e:
+        raise TrainError(f"--init-adapter: {e}") from None
+    if (ad.rank, ad.alpha, ad.targets) != (lora_cfg.rank, lora_cfg.alpha, tuple(lora_cfg.targets)):
+        raise TrainError(f"--init-adapter {cfg.init_adapter} holds r={ad.rank}, lora_alpha={ad.alpha:g} on "
+                         f"{','.join(ad.targets)}; this run has lora_rank={lora_cfg.rank}, lora_alpha="
+                         f"{lora_cfg.alpha:g}, lora_targets={','.join(lora_cfg.targets)}: give --lora-rank {ad.rank} "
+                         f"--lora-alpha {ad.alpha:g} --lora-targets {','.join(ad.targets)}")
+    got = jax.tree.map(np.shape, ad.lora)
+    want = jax.tree.map(lambda x: tuple(x.shape), shapes)
+    if got != want:  # the same targets on every layer is checked by read_adapter; this is a last guard
+        raise TrainError(f"--init-adapter {cfg.init_adapter}: its adapters do not cover this run's targets")
+    flat_tr, flat_sh = flat_paths(trainable["params"]), flat_paths(train_psh)
+    for path, arr in ad.modules.items():
+        if path not in flat_tr:
+            raise TrainError(f"--init-adapter {cfg.init_adapter}: it saves {path}, which stage lora does not train")
+        flat_tr[path] = jax.device_put(jnp.asarray(arr, flat_tr[path].dtype), flat_sh[path])
+    trainable["params"] = unflatten_paths(flat_tr)
+    _log0(f"LoRA adapters (r={ad.rank}, alpha={ad.alpha:g}, {','.join(ad.targets)}) started from {ad.path}"
+          + (f", and {', '.join(sorted({p.split('/')[0] for p in ad.modules}))}" if ad.modules else ""))
+    return ad.lora
 
 
 class CompiledSteps:
@@ -483,10 +519,10 @@ def _owner0(hf_dir: Path, run_dir: Path) -> list:
 
 
 def _refuse_foreign_export(run_dir: Path) -> None:
-    hf_dir = run_dir / "hf"
-    if _owner0(hf_dir, run_dir)[0] == "foreign":
-        raise TrainError(f"{_foreign_export(hf_dir, run_dir)}. Move it away or use another --output; nothing was "
-                         f"trained")
+    for out in (run_dir / "hf", run_dir / "adapter"):
+        if _owner0(out, run_dir)[0] == "foreign":
+            raise TrainError(f"{_foreign_export(out, run_dir)}. Move it away or use another --output; nothing was "
+                             f"trained")
 
 
 def _export_final(s: Setup, state, run_dir: Path, step: int, *, fresh: bool, checkpoint: str | None) -> None:
@@ -502,6 +538,12 @@ def _export_final(s: Setup, state, run_dir: Path, step: int, *, fresh: bool, che
     export_hf(state, s.frozen, s.module.config, hf_dir, lora=s.step_cfg.lora, files_from=s.model_dir,
               run_dir=run_dir, step=step)
     _log0(f"Wrote {hf_dir} (the weights of step {step})")
+    if s.step_cfg.lora is not None:  # also as a PEFT adapter: RUN_DIR/adapter, on the base model
+        ad_dir = run_dir / "adapter"
+        if _owner0(ad_dir, run_dir)[0] == "foreign":
+            raise TrainError(f"{_foreign_export(ad_dir, run_dir)}, so the adapter was not written (hf/ was)")
+        export_adapter(state, ad_dir, lora=s.step_cfg.lora, base_model=s.model_dir, run_dir=run_dir, step=step)
+        _log0(f"Wrote {ad_dir} (a PEFT LoRA adapter of step {step} on {s.model_dir})")
 
 
 _clock = time.monotonic  # the save timer's clock (tests replace it)
