@@ -94,6 +94,25 @@ def test_greedy_equals_generate_alone_with_staggered_requests(engine, tiny_model
     assert_no_compile(engine)
 
 
+def test_requests_queued_together_are_prefilled_in_one_call(engine, tiny_model, tiny_processor):
+    """Four requests queued while the engine waits (its lock held) are admitted in one batched prefill: prompts of
+    two length buckets and with and without an image, left padded to the longest; a max_new_tokens=1 request ends
+    with its first token, before any decode chunk. Each answer equals `generate` for it alone."""
+    rng = np.random.default_rng(7)
+    specs = [(3, True, 6), (20, False, 1), (1, False, 9), (6, True, 4)]  # (text tokens, image, max_new_tokens)
+    prompts = [make_prompt(rng, n, img) for n, img, _ in specs]
+    before = engine.stats()
+    with engine._cv:  # the engine thread cannot plan until all four are queued
+        reqs = [engine.submit(ids, pix, max_new_tokens=m, eos_token_id=[]) for (ids, pix), (_, _, m) in
+                zip(prompts, specs)]
+    for r, (ids, pix), (_, _, m) in zip(reqs, prompts, specs):
+        assert r.result(120) == reference(tiny_model, ids, pix, m), f"request {r.id}"
+    after = engine.stats()
+    assert after["admit_calls"] - before["admit_calls"] == 1 and after["admitted"] - before["admitted"] == 4
+    assert after["chunks"] - before["chunks"] == 2  # the longest: its first token at admission, 8 more in 2 chunks
+    assert_no_compile(engine)
+
+
 def test_cancel_frees_the_slot_for_a_queued_request(engine, tiny_model):
     """All 4 slots busy with requests that fill their rows; a 5th waits. Cancelling one (from its first update)
     admits the 5th into that slot at the next chunk boundary, long before the others end."""

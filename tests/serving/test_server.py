@@ -318,16 +318,18 @@ def test_health_503_until_warm_then_200_and_queue_full_429(tiny_model, tiny_proc
 def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(client, engine, app, reference):
     """Decode slowed to 50 ms a chunk: a stream asking for a whole row is closed after its first content chunk;
     its request is cancelled (no slot busy, the cancelled counter up) long before it could have finished."""
-    fast = engine._decode
+    fast = engine._decode  # {rows: jitted decode}
 
-    def slow(*a, **k):
-        time.sleep(0.05)
-        return fast(*a, **k)
+    def slowed(f):
+        def slow(*a, **k):
+            time.sleep(0.05)
+            return f(*a, **k)
+        slow._cache_size = f._cache_size
+        return slow
 
-    slow._cache_size = fast._cache_size
     cancelled = app.state.metrics.finished.labels(reason="cancelled")
     before = cancelled._value.get()
-    engine._decode = slow
+    engine._decode = {rows: slowed(f) for rows, f in fast.items()}
     try:
         with client.stream("POST", URL, json={"model": MODEL, "messages": user("Count the shapes"), "stream": True,
                                               "temperature": 0}) as r:

@@ -17,12 +17,14 @@ Use::
 API (all methods thread-safe; each ``Request`` has one consumer):
 
 * ``Engine(module, params, processor=None, *, max_batch=16, max_model_len=None, chunk=8, mesh=None,
-  prefill_buckets=None, image_buckets=None, max_queue=64)``. ``processor``: a `data.Processor` (its EOS id is
+  prefill_buckets=None, image_buckets=None, batch_buckets=None, max_queue=64)``. ``processor``: a `data.Processor` (its EOS id is
   the default EOS, its tokenizer builds the stop-string tables); None: the checkpoint's EOS, no stop strings.
   ``max_model_len``: slots per row of the KV cache, prompt and new tokens together (default and upper bound:
   the model's max_position_embeddings). ``chunk``: decode steps per device call (new requests join and
   finished ones leave between chunks). ``prefill_buckets``: prompt lengths prefill compiles for (default 16, 32,
   64, ... and max_model_len); ``image_buckets``: image counts per request it compiles for (default (0, 1));
+  ``batch_buckets``: row counts of a batched prefill and of a decode chunk (default 1, 4, 16, ... and max_batch;
+  K prompts of a length bucket Tb are prefilled together only while K x Tb <= max(2048, max_model_len));
   ``max_queue``: requests waiting for a slot before `submit` raises `QueueFull`. ``mesh``: not supported yet
   (must be None); the seam for it and for multi-host serving is `Engine._plan` (below).
 * ``engine.start(warmup=True)``: starts the engine thread; with ``warmup`` it first compiles (and runs once)
@@ -60,24 +62,26 @@ How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket,
   index shared by all slots (a scalar-position, in-place cache write per decode step, as `generate`'s loop
   does) and per-slot vectors: the last token, its RoPE position, the tokens drawn (the PRNG counter), seed,
   temperature and top_p.
-* Admission (one jitted call per new request, the state donated): vision tower, projector and the prompt
-  [1, Tb] (left padded to its bucket, images padded to Ib with ``image_valid``) through the decoder into a
-  fresh [1, Tb] cache, the first token chosen, and the prompt's keys and values written into the slot's row of
-  the ring, rolled so that they end at the shared write index (the rest of the row masked out).
-* Decode chunk (one jitted call, the state donated): ``chunk`` steps for all B slots; inactive slots are
-  masked (their tokens ignored, their positions held at 0). Tokens [B, chunk] come back to the host once per
+* Admission (one jitted call for the requests admitted together at a chunk boundary, the state donated):
+  vision tower, projector and the prompts [K, Tb] (left padded to the longest one's bucket, K padded to a batch
+  bucket with rows whose writes are dropped, images in row order padded with ``image_valid``) through the
+  decoder into a fresh [K, Tb] cache, the first tokens chosen, and each prompt's keys and values written into
+  its slot's row of the ring, rolled so that they end at the shared write index (the rest of the row masked
+  out). The first tokens go to their requests at once (before the next chunk), and a request may end there.
+* Decode chunk (one jitted call, the state donated): ``chunk`` steps for the first R slots, R the smallest
+  batch bucket holding every busy slot (free slots are taken lowest first); inactive slots among them are
+  masked (their tokens ignored, their positions held at 0). Tokens [R, chunk] come back to the host once per
   chunk; EOS, stop strings (the device automaton's tables, run on the host) and max_new_tokens are checked
   there, and tokens after a row's end are dropped. A finished slot's keys and values stay until the next
   request's admission overwrites its whole row.
 * A request needs prompt + new - 1 ring slots; the ring holds S, so requests never overwrite their own
   tokens. Greedy output equals `generate` for that request alone, whatever runs beside it (rows never mix:
   RoPE positions are per slot; attention only reads the row's own mask).
-* Cost: every decode step runs all B slots (inactive ones masked, not skipped) and attends over the whole
-  S-slot row of each, so a step costs the same at 1 request as at B, and its cache reads grow with
-  max_model_len, not with the requests' lengths: size B and S to the load. Measured (2-core shared CPU, the demo
-  model, 147-token prompt with an image, 64 new tokens, B 16, S 256, chunk 8): 1 request ~470 tok/s,
-  16 concurrent ~4,400 tok/s (`generate` alone: 4,200 tok/s at batch 1, 7,300 at batch 16).
-  Left to do: decode over a bucket of the lowest slots when few are busy; batched admission.
+* Cost: a decode step runs R slots (masked, not skipped, when idle among them) and attends over the whole
+  S-slot row of each, so its cache reads grow with max_model_len, not with the requests' lengths: size S to the
+  load. Measured (2-core CPU shared with other work, the demo model, 36-token prompts with an image, B 16,
+  S 128, chunk 8): a decode chunk 1.9 ms at R 1, 5.0 at R 4, 15 at R 16; a prefill 3.1 ms at K 1, 8.2 at K 4,
+  22 at K 16.
 * The host loop is ``plan = self._plan()`` (all scheduling decisions: admissions into free slots, which slots
   decode, cancellations, the stop) then ``self._execute(plan)`` (device calls and token delivery). For
   multi-host serving, process 0 would make the plan (with the admitted requests' arrays) and broadcast it, and
@@ -166,42 +170,49 @@ def _init_fn(module, batch: int, max_len: int):
 
 
 def _admit_fn(module):
-    """Prefill one prompt [1, Tb] and write it into slot ``slot`` of the ring, ending at the write index."""
+    """Prefill K prompts [K, Tb] in one call and write each into its slot of the ring, ending at the write index.
+    A row whose slot is out of range (>= B) is padding: it is computed and its writes are dropped."""
     cfg = module.config
 
-    def admit(params, state: SlotState, ids, pixel_values, mask, image_valid, slot, seed, temperature, top_p):
-        tb, s = ids.shape[1], state.cache.max_len
-        cache = KVCache.init(cfg.text, 1, tb, module.dtype)
+    def admit(params, state: SlotState, ids, pixel_values, mask, image_valid, slots, seeds, temperature, top_p):
+        k, tb = ids.shape
+        s = state.cache.max_len
+        cache = KVCache.init(cfg.text, k, tb, module.dtype)
         out = module.apply({"params": params}, ids, pixel_values, mask, cache=cache, last_token_only=True,
                            image_valid=image_valid)
-        token = select_slot_tokens(out.logits[:, -1], temperature[None], top_p[None], seed[None],
-                                   jnp.zeros((1,), jnp.int32))[0]
+        tokens = select_slot_tokens(out.logits[:, -1], temperature, top_p, seeds, jnp.zeros((k,), jnp.int32))
         shift = (state.cache.index - tb) % s
 
-        def put(big, small):  # big [B, S, ...], small [1, Tb, ...] -> row `slot` = small rolled to end at index
-            row = jnp.zeros(big.shape[1:], big.dtype)
-            row = jax.lax.dynamic_update_slice(row, small[0].astype(big.dtype), (0,) * (row.ndim))
-            row = jnp.roll(row, shift, axis=0)
-            return jax.lax.dynamic_update_slice(big, row[None], (slot,) + (0,) * row.ndim)
+        def put(big, small):  # big [B, S, ...], small [K, Tb, ...] -> rows `slots` = small rolled to end at index
+            rows = jnp.zeros((k,) + big.shape[1:], big.dtype).at[:, :tb].set(small.astype(big.dtype))
+            return big.at[slots].set(jnp.roll(rows, shift, axis=1), mode="drop")
 
         c = state.cache
         ring = c.replace(k=tuple(put(a, b) for a, b in zip(c.k, out.cache.k)),
                          v=tuple(put(a, b) for a, b in zip(c.v, out.cache.v)),
                          mask=put(c.mask, out.cache.mask))
-        n = jnp.sum(mask).astype(jnp.int32)
-        state = state.replace(cache=ring, last=state.last.at[slot].set(token),
-                              positions=state.positions.at[slot].set(n), steps=state.steps.at[slot].set(1),
-                              seeds=state.seeds.at[slot].set(seed),
-                              temperature=state.temperature.at[slot].set(temperature),
-                              top_p=state.top_p.at[slot].set(top_p))
-        return state, token
+        n = jnp.sum(mask, axis=1).astype(jnp.int32)
+
+        def set_(a, x):
+            return a.at[slots].set(x, mode="drop")
+
+        state = state.replace(cache=ring, last=set_(state.last, tokens), positions=set_(state.positions, n),
+                              steps=set_(state.steps, jnp.ones((k,), jnp.int32)), seeds=set_(state.seeds, seeds),
+                              temperature=set_(state.temperature, temperature), top_p=set_(state.top_p, top_p))
+        return state, tokens
 
     return admit
 
 
-def _decode_fn(module, chunk: int):
+def _decode_fn(module, chunk: int, rows: int):
+    """``chunk`` decode steps for the first ``rows`` slots (a bucket holding every busy slot): those rows of the
+    state are sliced out once, decoded, and written back, so a lightly loaded engine pays for few rows."""
     def decode(params, state: SlotState, active):
         s_max = state.cache.max_len
+        full = state
+        if rows < state.last.shape[0]:
+            state = jax.tree.map(lambda a: a[:rows] if a.ndim else a, state)
+            active = active[:rows]
 
         def step(s: SlotState, _):
             out = module.apply({"params": params}, s.last[:, None], None, active[:, None].astype(jnp.int32),
@@ -214,16 +225,20 @@ def _decode_fn(module, chunk: int):
             return s.replace(cache=out.cache, last=tok, positions=pos, steps=s.steps + 1), tok
 
         state, toks = jax.lax.scan(step, state, None, length=chunk)
+        if rows < full.last.shape[0]:
+            state = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim) if a.ndim else b,
+                                 full, state)
         return state, toks.T
 
     return decode
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(module, batch: int, max_len: int, chunk: int):
-    """(init, admit, decode) jitted, shared by engines of the same model and shapes (tests start several)."""
+def _compiled(module, batch: int, max_len: int, chunk: int, rows: tuple[int, ...]):
+    """(init, admit, {rows: decode}) jitted, shared by engines of the same model and shapes (tests start several).
+    ``rows``: the decode row buckets."""
     return (jax.jit(_init_fn(module, batch, max_len)), jax.jit(_admit_fn(module), donate_argnums=(1,)),
-            jax.jit(_decode_fn(module, chunk), donate_argnums=(1,)))
+            {r: jax.jit(_decode_fn(module, chunk, r), donate_argnums=(1,)) for r in rows})
 
 
 # --- requests ---------------------------------------------------------------------------------------------------
@@ -361,7 +376,8 @@ class Engine:
 
     def __init__(self, module, params, processor=None, *, max_batch: int = 16, max_model_len: int | None = None,
                  chunk: int = 8, mesh=None, prefill_buckets: Sequence[int] | None = None,
-                 image_buckets: Sequence[int] | None = None, max_queue: int = 64):
+                 image_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
+                 max_queue: int = 64):
         if mesh is not None:
             raise NotImplementedError("Engine(mesh=...) is not supported yet: the engine runs on one device")
         module, params = _unscanned(module, params)
@@ -394,6 +410,17 @@ class Engine:
         if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in ib):
             raise ValueError(f"image_buckets must be non-negative integers, got {list(ib)}")
         self.image_buckets = tuple(sorted({int(i) for i in ib} | {0}))
+        if batch_buckets is None:  # 1, 4, 16, ... and max_batch
+            b, batch_buckets = 1, []
+            while b < self.max_batch:
+                batch_buckets.append(b)
+                b *= 4
+        self.batch_buckets = tuple(sorted({check_count(b, "batch bucket") for b in batch_buckets} | {self.max_batch}))
+        if self.batch_buckets[-1] > self.max_batch:
+            raise ValueError(f"batch buckets {self.batch_buckets} go past max_batch={self.max_batch}")
+        # Prompts prefilled together: K rows of a Tb bucket only while K x Tb stays within this many tokens (long
+        # prompts are admitted in small groups: bounded activation memory and fewer programs to compile).
+        self.prefill_tokens = max(2048, s)
         self.image_seq_length = cfg.image_seq_length
         vc = cfg.vision
         self.pixel_shape = (vc.num_channels, vc.image_size, vc.image_size)
@@ -401,7 +428,7 @@ class Engine:
         pad = pad_id(cfg, processor.pad_token_id if processor is not None else None, self.eos)
         self.pad = 0 if pad == cfg.image_token_index else pad
 
-        self._init, self._admit, self._decode = _compiled(module, self.max_batch, s, self.chunk)
+        self._init, self._admit, self._decode = _compiled(module, self.max_batch, s, self.chunk, self.batch_buckets)
         self._state: SlotState | None = None
         self._slots: list[Request | None] = [None] * self.max_batch
         self._queue: collections.deque[Request] = collections.deque()
@@ -413,7 +440,7 @@ class Engine:
         self.ready = False
         self._ready_event = threading.Event()
         self.error: BaseException | None = None
-        self._counts = {"chunks": 0, "admitted": 0, "tokens": 0}
+        self._counts = {"chunks": 0, "admitted": 0, "admit_calls": 0, "tokens": 0}
 
     # -- public ------------------------------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> "Engine":
@@ -519,7 +546,7 @@ class Engine:
 
     def compile_count(self) -> int:
         """Programs compiled so far by the engine's jitted functions (shared by engines of the same shapes)."""
-        return sum(f._cache_size() for f in (self._init, self._admit, self._decode))
+        return sum(f._cache_size() for f in (self._init, self._admit, *self._decode.values()))
 
     # -- engine thread -----------------------------------------------------------------------------------------
     def _wake(self):
@@ -552,23 +579,26 @@ class Engine:
             self._ready_event.set()
 
     def _warmup(self):
-        """Run every program once: admit for each (length bucket, image bucket) that can hold a prompt with that
-        many images, and the decode chunk (all slots inactive)."""
+        """Run every program once: admit for each (length bucket, image bucket, batch bucket) that can hold a
+        prompt with that many images (its rows all padding, so the state is untouched), and the decode chunk of
+        each row bucket (all slots inactive)."""
         cfg = self.module.config
         for tb in self.prefill_buckets:
             for ni in self.image_buckets:
                 need = ni * self.image_seq_length + 1 if ni else 1
                 if need > tb:
                     continue
-                ids = np.full((1, tb), self.pad, np.int32)
+                ids = np.full((need,), self.pad, np.int32)
                 if ni:
-                    ids[0, tb - need + 1:] = cfg.image_token_index
+                    ids[1:] = cfg.image_token_index
                 pix = np.zeros((ni,) + self.pixel_shape, np.float32) if ni else None
-                valid = np.ones((ni,), bool) if ni else None
-                self._state, tok = self._admit(self.params, self._state, ids, pix, np.ones((1, tb), np.int32),
-                                               valid, np.int32(0), np.int32(0), np.float32(0), np.float32(1))
-                # also the sampling branch's compile-time work is in the same program; run it once
-        self._state, toks = self._decode(self.params, self._state, np.zeros((self.max_batch,), bool))
+                for k in self.batch_buckets:
+                    if k > 1 and k * tb > self.prefill_tokens:
+                        continue
+                    args = self._pack([(self.max_batch, ids, pix, 0, 0.0, 1.0)] * k, tb=tb, ib=ni)
+                    self._state, tok = self._admit(self.params, self._state, *args)
+        for rows in self.batch_buckets:
+            self._state, toks = self._decode[rows](self.params, self._state, np.zeros((self.max_batch,), bool))
         jax.block_until_ready(toks)
 
     def _plan(self) -> Plan | None:
@@ -606,50 +636,102 @@ class Engine:
             active = np.array([r is not None for r in self._slots], bool)
             return Plan(admit, active)
 
-    def _prepare(self, r: Request):
-        """Host arrays for one admission: the prompt left padded to its bucket, the images padded to theirs."""
-        n = r.prompt_tokens
-        tb = next(b for b in self.prefill_buckets if b >= n)
-        ids = np.full((1, tb), self.pad, np.int32)
-        ids[0, tb - n:] = r.prompt_ids
-        mask = np.zeros((1, tb), np.int32)
-        mask[0, tb - n:] = 1
-        pix = valid = None
-        if r._pixels is not None and np.shape(r._pixels)[0]:
-            p = np.asarray(r._pixels)
-            if p.ndim != 4 or p.shape[1:] != self.pixel_shape:
-                raise ValueError(f"pixel_values must be [I, {', '.join(map(str, self.pixel_shape))}] (this model's "
-                                 f"vision tower), got shape {p.shape}")
-            if p.dtype.kind not in "fiu":
-                raise ValueError(f"pixel_values must hold numbers, got dtype {p.dtype}")
-            p = p.astype(np.float32)
-            if not np.isfinite(p).all():
-                raise ValueError("pixel_values hold NaN or infinite values")
-            ni = p.shape[0]
-            ib = next(b for b in self.image_buckets if b >= ni)
-            pix = np.concatenate([p, np.zeros((ib - ni,) + self.pixel_shape, np.float32)]) if ib > ni else p
-            valid = np.arange(ib) < ni
-        return ids, pix, mask, valid
+    def _pixels(self, r: Request) -> np.ndarray | None:
+        """The request's images as float32 [I, 3, H, W] (None without images), checked."""
+        if r._pixels is None or not np.shape(r._pixels)[0]:
+            return None
+        p = np.asarray(r._pixels)
+        if p.ndim != 4 or p.shape[1:] != self.pixel_shape:
+            raise ValueError(f"pixel_values must be [I, {', '.join(map(str, self.pixel_shape))}] (this model's "
+                             f"vision tower), got shape {p.shape}")
+        if p.dtype.kind not in "fiu":
+            raise ValueError(f"pixel_values must hold numbers, got dtype {p.dtype}")
+        p = p.astype(np.float32)
+        if not np.isfinite(p).all():
+            raise ValueError("pixel_values hold NaN or infinite values")
+        return p
 
-    def _execute(self, plan: Plan):
-        firsts = []
-        for slot, r in plan.admit:
+    def _pack(self, entries, tb: int | None = None, ib: int | None = None) -> tuple:
+        """The admit call's arguments for ``entries`` [(slot, prompt ids [n], images [I, ...] or None, seed,
+        temperature, top_p)]: prompts left padded to one length bucket, rows padded to a batch bucket (slot B:
+        dropped), images in row order then padding to K x the image bucket, ``image_valid`` marking the real."""
+        n = max(len(e[1]) for e in entries)
+        tb = tb or next(b for b in self.prefill_buckets if b >= n)
+        ni = max(0 if e[2] is None else e[2].shape[0] for e in entries)
+        ib = next(b for b in self.image_buckets if b >= ni) if ib is None else ib
+        k = next(b for b in self.batch_buckets if b >= len(entries))
+        assert k == 1 or k * tb <= self.prefill_tokens, (k, tb)
+        ids = np.full((k, tb), self.pad, np.int32)
+        mask = np.zeros((k, tb), np.int32)
+        mask[:, -1] = 1  # padding rows: one pad token (never an all-masked row)
+        slots = np.full((k,), self.max_batch, np.int32)
+        seeds, temps, top_p = np.zeros((k,), np.int32), np.zeros((k,), np.float32), np.ones((k,), np.float32)
+        images = []
+        for i, (slot, pid, pix, seed, temperature, p) in enumerate(entries):
+            ids[i, tb - len(pid):] = pid
+            mask[i] = 0
+            mask[i, tb - len(pid):] = 1
+            slots[i], seeds[i], temps[i], top_p[i] = slot, seed, temperature, p
+            if pix is not None:
+                images.append(pix)
+        pix = valid = None
+        if ib:
+            real = np.concatenate(images) if images else np.zeros((0,) + self.pixel_shape, np.float32)
+            pix = np.zeros((k * ib,) + self.pixel_shape, np.float32)
+            pix[:len(real)] = real
+            valid = np.arange(k * ib) < len(real)
+        return ids, pix, mask, valid, slots, seeds, temps, top_p
+
+    def _admit_group(self, group) -> list:
+        """Prefill ``group`` [(slot, request)] in as few calls as the batch buckets and the prefill token budget
+        allow; returns [(the call's slots, their first tokens [K] on device)]. A request failing its checks fails
+        alone; a failed call fails its rows."""
+        entries = []
+        for slot, r in group:
             try:
-                ids, pix, mask, valid = self._prepare(r)
-                self._state, tok = self._admit(self.params, self._state, ids, pix, mask, valid, np.int32(slot),
-                                               np.int32(r.seed), np.float32(r.temperature), np.float32(r.top_p))
-                firsts.append((slot, r, tok))
-                self._counts["admitted"] += 1
+                entries.append(((slot, r.prompt_ids, self._pixels(r), r.seed, r.temperature, r.top_p), r))
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 log.warning("request %d failed at admission: %s", r.id, e)
                 self._free(slot, r, "error", e)
-                plan.active[slot] = False
+        parts, part = [], []
+        for e in entries:  # FIFO groups, each within the prefill token budget at its length bucket
+            n = max([len(e[0][1])] + [len(x[1]) for x, _ in part])
+            tb = next(b for b in self.prefill_buckets if b >= n)
+            k = next((b for b in self.batch_buckets if b >= len(part) + 1), None)
+            if part and (k is None or k * tb > self.prefill_tokens):
+                parts.append(part)
+                part = []
+            part.append(e)
+        if part:
+            parts.append(part)
+        out = []
+        for part in parts:
+            try:
+                self._state, toks = self._admit(self.params, self._state, *self._pack([e for e, _ in part]))
+            except Exception as e:  # noqa: BLE001
+                log.warning("admission of %d requests failed: %s", len(part), e)
+                for (slot, *_), r in part:
+                    self._free(slot, r, "error", e)
                 self._check_state()
-        if not plan.active.any():
+                continue
+            out.append(([e[0] for e, _ in part], toks))  # indexed on the host (an eager index compiles)
+            self._counts["admitted"] += len(part)
+            self._counts["admit_calls"] += 1
+        return out
+
+    def _execute(self, plan: Plan):
+        firsts = self._admit_group(plan.admit)
+        if firsts:  # the first tokens go out now, before the chunk (time to first token); some requests end here
+            first_host = jax.device_get([t for _, t in firsts])
+            self._deliver({slot: [int(t)] for (slots, _), ts in zip(firsts, first_host) for slot, t in zip(slots, ts)})
+        with self._cv:
+            active = np.array([r is not None for r in self._slots], bool) & plan.active
+        if not active.any():
             return
+        rows = next(b for b in self.batch_buckets if b > int(np.nonzero(active)[0][-1]))
         try:
-            self._state, toks = self._decode(self.params, self._state, plan.active)
-            firsts_host, toks = jax.device_get(([t for _, _, t in firsts], toks))
+            self._state, toks = self._decode[rows](self.params, self._state, active)
+            toks = jax.device_get(toks)
         except Exception as e:  # noqa: BLE001 - a failed chunk fails the running requests, the engine goes on
             log.exception("decode chunk failed")
             for slot, r in enumerate(self._slots):
@@ -658,13 +740,15 @@ class Engine:
             self._check_state()
             return
         self._counts["chunks"] += 1
-        first = {slot: int(t) for (slot, _, _), t in zip(firsts, firsts_host)}
-        for slot in np.nonzero(plan.active)[0]:
-            slot = int(slot)
+        self._deliver({int(slot): toks[slot].tolist() for slot in np.nonzero(active)[0]})
+
+    def _deliver(self, by_slot: dict[int, list[int]]):
+        """Hand each slot's new tokens to its request (up to its end: EOS, a stop string, max_new_tokens); a
+        request that ends leaves its slot."""
+        for slot, seq in by_slot.items():
             r = self._slots[slot]
             if r is None:
                 continue
-            seq = ([first[slot]] if slot in first else []) + toks[slot].tolist()
             new, finish = r._accept(seq)
             self._counts["tokens"] += len(new)
             if finish is not None:
