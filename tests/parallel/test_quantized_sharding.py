@@ -42,6 +42,7 @@ CHILD = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow  # a fresh process with 8 devices (~14 s); the rules' specs are checked abstractly below
 def test_sharded_quantized_load_equals_unsharded(tiny_hf, run_python, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -56,8 +57,9 @@ def test_sharded_quantized_load_equals_unsharded(tiny_hf, run_python, tmp_path):
     assert res["int4"]["scale_spec"] == "P('tensor', 'fsdp')" and res["int4"]["scale_shard"] == [4, 8]
 
 
-def test_int8_scales_follow_the_rules_table():
-    """int8: one scale row per kernel, replicated on the input axis, split on the output axis like the kernel."""
+def test_scales_follow_the_rules_table():
+    """int8: one scale row per kernel, replicated on the input axis, split on the output axis like the kernel;
+    int4: the scale rows (tiles) split like the kernel's rows."""
     from jax.sharding import PartitionSpec as P
     from vipllava_jax.models.params import flat_paths
     from vipllava_jax.parallel.mesh import abstract_mesh
@@ -70,6 +72,9 @@ def test_int8_scales_follow_the_rules_table():
         assert sh[base + "/mlp/down_proj/kernel/scale"].spec == P(*lead, None, "fsdp")
         assert sh[base + "/self_attn/q_proj/kernel/scale"].spec == P(*lead, None, "tensor")
         assert sh["lm_head/kernel"].spec == P("fsdp", "tensor")  # not quantized by default
+    sh = flat_paths(param_shardings(TINY.replace(quantization=QuantConfig("int4", 8)), abstract_mesh("fsdp=4,tensor=2")))
+    assert sh["language_model/layers_0/mlp/down_proj/kernel/scale"].spec == P("tensor", "fsdp")
+    assert sh["language_model/layers_0/self_attn/o_proj/kernel/scale"].spec == P("tensor", "fsdp")
 
 
 def test_mesh_fit_check_covers_int4_tiles():

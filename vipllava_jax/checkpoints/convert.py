@@ -93,6 +93,12 @@ def plan_conversion(ckpt_keys: Iterable[str], shape_of: Callable[[str], tuple], 
 
 
 # --- loading ------------------------------------------------------------------------------------------------
+def _quantized(arr, quant, dtype) -> dict:
+    """One float tensor quantized, waited for: JAX dispatches asynchronously, and without the wait the loop
+    would read the next tensors while this one's float copy is still held (measured: 3x the peak for int4)."""
+    return jax.block_until_ready(quantize_kernel(np.asarray(arr), quant, dtype or arr.dtype))
+
+
 def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtype=None, shardings: dict | None = None,
                    progress: bool = True, scan_layers: bool = False) -> dict:
     """Stream an HF checkpoint onto the Flax tree (layers stacked for ``nn.scan`` with ``scan_layers``).
@@ -126,7 +132,7 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
 
     def place(path, arr):
         if is_quantized_kernel(path, quant):
-            place_quantized(path, quantize_kernel(np.asarray(arr), quant, dtype or arr.dtype))
+            place_quantized(path, _quantized(arr, quant, dtype))
             return
         sh = None if shardings is None else shardings.get(path)
         target_dtype = dtype or arr.dtype
@@ -158,7 +164,7 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
         elif is_quantized_kernel(tgt.path, quant):
             # Scanned: quantize each layer as it comes, stack the quantized layers once all are in.
             done = qstacks.setdefault(tgt.path, {})
-            done[tgt.layer] = quantize_kernel(np.asarray(arr), quant, dtype or arr.dtype)
+            done[tgt.layer] = _quantized(arr, quant, dtype)
             if len(done) == targets[tgt.path][0]:
                 place_quantized(tgt.path, {leaf: jnp.stack([done[i][leaf] for i in range(len(done))])
                                            for leaf in ("qvalue", "scale")})
@@ -252,8 +258,8 @@ def save_hf(params: dict, config: VipLlavaConfig, out_dir: str | os.PathLike, *,
             index = {"metadata": {}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
             with open(tmp / "model.safetensors.index.json", "w") as f:
                 json.dump(index, f, indent=2)
-        with open(tmp / "config.json", "w") as f:
-            json.dump(config.to_hf(), f, indent=2)
+        with open(tmp / "config.json", "w") as f:  # float weights: a quantized tree is written dequantized
+            json.dump(config.replace(quantization=None).to_hf(), f, indent=2)
         if extra_files_from is not None:
             copy_tokenizer_files(extra_files_from, tmp)
     return Path(out_dir).absolute()
