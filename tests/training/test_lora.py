@@ -110,3 +110,132 @@ def test_compiled_lora_step_has_no_frozen_weight_gradient_and_two_thirds_of_the_
 
     ratio = flops(lora) / flops(full)
     assert 0.6 < ratio <= 0.72, ratio
+
+
+# --- runs: QLoRA, the PEFT adapter a run writes, --init-adapter ----------------------------------------------------
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from colour_runs import write_dataset  # tests/training/colour_runs.py
+    from vipllava_jax.testing import make_tiny_checkpoint, make_tiny_processor
+    root = tmp_path_factory.mktemp("lora_run")
+    make_tiny_checkpoint(root / "model")
+    make_tiny_processor(root / "model")
+    return root, root / "model", write_dataset(root, n=8)
+
+
+def _cfg(env, out, **kw):
+    from vipllava_jax.training import TrainConfig
+    root, model, data = env
+    d = dict(model=str(model), data=str(data), image_folder=str(root / "images"), output=str(out), stage="lora",
+             max_steps=6, batch_size=4, lr=0.1, warmup_ratio=0.0, max_length=64, devices=1, seed=0, progress=False,
+             system_prompt="", lora_rank=4, lora_alpha=8.0, quantize="int4", quantize_tile_size=16,
+             dtype="bfloat16", save_interval_minutes=0)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def _losses(run_dir):
+    import json
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow  # about 40 s here (three runs); the fast twin is test_qlora_step_learns_and_is_deterministic
+def test_qlora_run_learns_resumes_bitwise_and_writes_a_peft_adapter(env, tmp_path, monkeypatch):
+    """train --stage lora --quantize int4 (bf16 compute, fp32 adapters): the loss falls; stopped at step 3 and
+    resumed, the losses and the adapter equal an uninterrupted run's bitwise; RUN_DIR/adapter loads in peft on
+    the float base with the logits of our float base with that adapter."""
+    from safetensors.numpy import load_file
+    from vipllava_jax.training import preemption, train
+    ref = tmp_path / "ref"
+    train(_cfg(env, ref))
+    lr = _losses(ref)
+    assert max(lr[4], lr[5], lr[6]) < lr[1] - 0.2, lr  # 4.87 -> 4.6 (rank-4 adapters on a random tiny model)
+    out = tmp_path / "resumed"
+    real = preemption.Preemption.should_stop
+    monkeypatch.setattr(preemption.Preemption, "should_stop", lambda self, step: step == 3 or real(self, step))
+    assert train(_cfg(env, out))["stopped"]
+    monkeypatch.setattr(preemption.Preemption, "should_stop", real)
+    assert train(_cfg(env, out))["steps"] == 6
+    assert _losses(out) == lr
+    a, b = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(ref / "adapter" /
+                                                                               "adapter_model.safetensors")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    # the adapter is PEFT's: the same logits in peft as in ours (both on the float base)
+    peft = pytest.importorskip("peft")
+    from transformers import VipLlavaForConditionalGeneration
+    from vipllava_jax import load_pretrained
+    from vipllava_jax.testing import make_inputs, torch_logits
+    pm = peft.PeftModel.from_pretrained(VipLlavaForConditionalGeneration.from_pretrained(env[1]), ref / "adapter")
+    inputs = make_inputs(np.random.default_rng(0))
+    module, params = load_pretrained(env[1], progress=False, adapter=ref / "adapter")
+    ours = module.apply({"params": params}, *inputs[:2], inputs[2]).logits
+    assert rel_err(ours, torch_logits(pm.eval(), *inputs), inputs[2].astype(bool)) < 1e-5
+
+
+def test_init_adapter_starts_the_run_from_a_peft_adapter(env, tmp_path):
+    """--init-adapter DIR (saved by peft): the run's first state computes PeftModel's logits; the CLI takes r,
+    alpha and targets from it; other settings are refused naming both."""
+    peft = pytest.importorskip("peft")
+    import argparse
+    import torch
+    from transformers import VipLlavaForConditionalGeneration
+    from vipllava_jax.checkpoints.adapter import peft_target_regex
+    from vipllava_jax.cli.train import config_from_args
+    from vipllava_jax.testing import make_inputs, torch_logits
+    from vipllava_jax.training import trainer as trainer_lib
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(VipLlavaForConditionalGeneration.from_pretrained(env[1]), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=peft_target_regex(("k_proj", "up_proj")), init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "ad")
+    kw = {k: v for k, v in _cfg(env, tmp_path / "run", quantize=None, dtype="float32").to_dict().items()
+          if not k.startswith("lora_")}
+    flags = argparse.Namespace(config=None, **dict(kw, init_adapter=str(tmp_path / "ad")))
+    cfg = config_from_args(flags)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == (2, 6.0, ("k_proj", "up_proj"))
+    s = trainer_lib.setup(cfg)
+    state = s.init_state()
+    inputs = make_inputs(np.random.default_rng(2))
+    p, col = model_inputs(state.trainable, s.frozen, s.step_cfg.lora)
+    ours = s.module.apply({"params": p, "lora": col}, *inputs[:2], inputs[2]).logits
+    assert rel_err(ours, torch_logits(pm, *inputs), inputs[2].astype(bool)) < 1e-5
+    with pytest.raises(trainer_lib.TrainError, match="holds r=2, lora_alpha=6 on k_proj,up_proj; this run has "
+                                                     "lora_rank=4"):
+        trainer_lib.setup(cfg.replace(lora_rank=4))
+
+
+def test_qlora_step_learns_and_is_deterministic(env):
+    """The fast twin of the QLoRA run: the tiny model loaded int4 (scanned, full remat, bf16 compute, fp32
+    adapters), its jitted LoRA step: the loss falls over 6 steps on one batch, no quantized weight changes, and
+    steps 4-6 replayed from a copy of the state after step 3 give bitwise the same losses and adapters (what a
+    resume restores)."""
+    from vipllava_jax import load_pretrained
+    module, params = load_pretrained(env[1], progress=False, scan_layers=True, remat_policy="full",
+                                     quantize="int4", quantize_tile_size=16)
+    module = module.clone(dtype=jnp.bfloat16)
+    trainable, frozen = split_params(params, "lora")
+    cfg = LoraConfig(rank=4, alpha=8.0)
+    tr = {"params": trainable, "lora": init_lora(frozen, cfg, jax.random.key(0))}
+    assert jax.tree.leaves(tr["lora"])[0].dtype == jnp.float32
+    assert "qvalue" in frozen["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    tx = make_optimizer(0.1, 6, warmup_ratio=0.0)
+    step = jax.jit(make_train_step(module, tx, StepConfig(lora=cfg)))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 99, (2, 40))
+    ids[:, 1:26] = TINY.image_token_index
+    batch = {"input_ids": ids[None], "attention_mask": np.ones((1, 2, 40), np.int32),
+             "labels": np.where(np.arange(40) >= 26, ids, -100)[None],
+             "pixel_values": rng.standard_normal((1, 2, 3, 30, 30)).astype(np.float32),
+             "image_valid": np.ones((1, 2), bool)}
+    state, losses = init_state(tr, tx), []
+    for i in range(6):
+        state, m = step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+        if i == 2:
+            saved = jax.tree.map(np.array, state)
+    assert losses[-1] < losses[0] - 0.15, losses  # 4.89 -> 4.66: rank-4 adapters on a random tiny model learn slowly
+    replay = jax.tree.map(jnp.asarray, saved)
+    for i in range(3, 6):
+        replay, m = step(replay, frozen, batch)
+        assert float(m["loss"]) == losses[i]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(replay.trainable), jax.tree.leaves(state.trainable)))
