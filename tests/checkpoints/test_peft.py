@@ -132,3 +132,27 @@ def test_adapters_that_do_not_fit_are_clear_errors(tiny_hf, tiny_model, peft_ada
         read_adapter(_edit(d, tmp_path / "gap", drop=("layers.0.self_attn.q_proj",)), relayout(params, True))
     with pytest.raises(AdapterError, match="No adapter_config.json in"):
         read_adapter(tmp_path, params)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "serve"])
+def test_adapter_flag_reaches_load_pretrained(tiny_hf, tmp_path, capsys, monkeypatch, command):
+    """--adapter DIR on generate / eval / serve is load_pretrained's adapter=: a directory that is not an
+    adapter is the one-line error naming it (exit 2)."""
+    from vipllava_jax.checkpoints import load as load_lib
+    from vipllava_jax.cli import main as cli_main
+    seen = {}
+    real = load_lib.load_pretrained
+
+    def spy(*a, **kw):
+        seen["adapter"] = kw.get("adapter")
+        return real(*a, **kw)
+
+    for mod in ("generate", "eval", "serve"):
+        monkeypatch.setattr(f"vipllava_jax.cli.{mod}.load_pretrained", spy)
+    extra = {"generate": ["--prompt", "hi", "--max-new-tokens", "1"], "eval": ["--data", str(tmp_path / "d.json"), "--output", str(tmp_path / "o.jsonl")],
+             "serve": []}[command]
+    if command == "eval":
+        (tmp_path / "d.json").write_text("[]")
+    code = cli_main([command, "--model", str(tiny_hf), "--adapter", str(tmp_path)] + extra)
+    assert code == 2 and seen["adapter"] == str(tmp_path)
+    assert f"No adapter_config.json in {tmp_path}" in capsys.readouterr().err

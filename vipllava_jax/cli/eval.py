@@ -35,6 +35,8 @@ def register(sub) -> None:
                    help="orbax directory: skip checking each file's checksum before loading (faster; a file "
                         "damaged in place then loads as weights)")
     add_quantize_args(p)
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory (RUN_DIR/adapter, or one saved by peft) merged into the model")
     p.add_argument("--data", required=True, help="training-format JSON/JSONL or a ViP-Bench questions file")
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     p.add_argument("--output", required=True, help="answers file to write (JSONL, model_vqa's keys)")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         mesh = mesh_from_args(args, config)
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process(),
                                      verify=not args.no_verify,
-                                     **quantize_kwargs(args))
+                                     adapter=args.adapter, **quantize_kwargs(args))
     answers, score, stats = evaluate(
         module, params, proc, records, image_folder=args.image_folder, batch_size=args.batch_size,
         metric=args.metric, max_new_tokens=args.max_new_tokens, template=args.prompt_style, mesh=mesh,

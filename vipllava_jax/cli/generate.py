@@ -61,6 +61,8 @@ def register(sub) -> None:
                    help="orbax directory: skip checking each file's checksum before loading (faster; a file "
                         "damaged in place then loads as weights)")
     add_quantize_args(p)
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory (RUN_DIR/adapter, or one saved by peft) merged into the model")
     p.add_argument("--image", action="append", default=[], help="image path or URL (repeat for several)")
     p.add_argument("--prompt", action="append", default=None,
                    help="the question (repeat for a batch of prompts about the same images); '<bbox>' is "
@@ -234,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, progress=is_main_process(),
                                      verify=not args.no_verify,
-                                     **quantize_kwargs(args))
+                                     adapter=args.adapter, **quantize_kwargs(args))
     if is_main_process():
         print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)]", file=sys.stderr)

@@ -60,6 +60,8 @@ def register(sub) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="orbax directory: skip checking each file's checksum before loading")
     add_quantize_args(p)
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory (RUN_DIR/adapter, or one saved by peft) merged into the model")
     p.add_argument("--compilation-cache", default=str(DEFAULT_CACHE_DIR),
                    help="JAX persistent compilation cache directory ('' to turn it off): a second start warms "
                         "up from it")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = auto_dtype(args.dtype)
     t0 = time.perf_counter()
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), progress=False, verify=not args.no_verify,
-                                     **quantize_kwargs(args))
+                                     adapter=args.adapter, **quantize_kwargs(args))
     print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}]",
           file=sys.stderr, flush=True)
     engine = Engine(module, params, proc, max_batch=args.max_batch, max_model_len=args.max_model_len,
