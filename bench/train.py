@@ -3,13 +3,15 @@
     python bench/train.py --config tiny                          # CPU, well under a minute
     python bench/train.py --config 7b --layers 8 --seq-len 2048  # one GPU: 7B widths, 8 decoder layers, bf16
     python bench/train.py --config 7b --layers 1 --seq-len 64 --image-size 56 --batch-size 1 --steps 1 --cpu  # smoke
+    python bench/train.py --config 7b --layers 2 --seq-len 512 --image-size 56 --stage lora --impl jax --steps 1 --cpu
+        # LoRA at 7B widths, and XLA's FLOPs ratio LoRA / full (remat none and full)
 
 Random weights of the chosen shape are built once with transformers, saved as safetensors and loaded by both
 sides; both train on the same batch (BOS, the image tokens, random text; the text after the image supervised)
 with AdamW (lr 1e-5, weight decay 0, clipping at 1.0) and the same frozen parts:
   --stage full: the projector and the language model train, the vision tower is frozen;
-  --stage lora: rank --lora-rank adapters on every Llama linear plus the projector train (PyTorch: the same
-                adapters as small modules added to nn.Linear outputs), everything else is frozen.
+  --stage lora: rank --lora-rank adapters on every Llama linear plus the projector train (PyTorch: peft's
+                LoRA, get_peft_model with the same regex of target modules), everything else is frozen.
 PyTorch is a plain loop of forward(labels=...), backward, clip_grad_norm_, AdamW.step and zero_grad (bf16 via
 torch.autocast with fp32 master weights, as ours); JAX is one jitted step (scanned layers, --remat) with the
 state donated. PyTorch runs first and is freed before JAX starts its backend (GPU preallocation).
@@ -19,6 +21,9 @@ peak_mem_gib (GPU: device peak; CPU: the process's peak RSS, shared by both side
 step_s / peak FLOP/s; see bench/README.md for the FLOP count and the peak used), first_step_loss (both sides'
 loss on the first step: at float32 they must agree, a check that they train the same thing) and, for JAX,
 compile_s. Ratios: tokens/s and MFU jax / torch, step time torch / jax; above 1 means JAX is faster.
+With --stage lora (or --flops-ratio), ``flops_ratio_lora_full_remat_*``: XLA's cost-analysis FLOPs of the compiled LoRA step over the full
+step's (make_train_step compiled on abstract shapes, unrolled layers: XLA counts a scan body once; remat off and
+at --remat). LoRA computes x W + (alpha/r) (x A) B with W frozen: about 2/3 of full fine-tuning's matmul FLOPs.
 """
 from __future__ import annotations
 
@@ -65,6 +70,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-scan", dest="scan", action="store_false")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flops-ratio", action=argparse.BooleanOptionalAction, default=None,
+                    help="also compile both steps on abstract shapes for XLA's FLOPs ratio, LoRA / full, at remat "
+                         "none and --remat (default: with --stage lora)")
     ap.add_argument("--json", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--cpu", action="store_true", help="both sides on the CPU even when a GPU is present")
     ap.add_argument("--workdir", default=None)
@@ -74,6 +82,8 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (4 if tiny else 1)
     args.seq_len = args.seq_len or (64 if tiny else 2048)
     args.text_layers = args.layers  # the names bench/generate.py's hf_config_dict reads
+    if args.flops_ratio is None:
+        args.flops_ratio = args.stage == "lora"
     if args.steps < 1:
         ap.error("--steps must be at least 1")
     return args
@@ -148,17 +158,6 @@ def peak_flops(device_kind: str, on_gpu: bool) -> tuple[float, str]:
 def torch_side(model, batch: dict, args, stage: str, device: str, emit):
     import torch
 
-    class LoraLinear(torch.nn.Module):
-        def __init__(self, base, r, alpha):
-            super().__init__()
-            self.base, self.scale = base, alpha / r
-            self.a = torch.nn.Parameter(torch.empty(base.in_features, r, device=base.weight.device))
-            torch.nn.init.kaiming_uniform_(self.a.T, a=5 ** 0.5)
-            self.b = torch.nn.Parameter(torch.zeros(r, base.out_features, device=base.weight.device))
-
-        def forward(self, x):
-            return self.base(x) + self.scale * (x @ self.a.to(x.dtype)) @ self.b.to(x.dtype)
-
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -168,11 +167,13 @@ def torch_side(model, batch: dict, args, stage: str, device: str, emit):
         for p in list(model.model.language_model.parameters()) + list(model.lm_head.parameters()):
             p.requires_grad_(True)
     else:
-        for layer in model.model.language_model.layers:
-            for part in (layer.self_attn, layer.mlp):
-                for name in LORA_TARGETS:
-                    if hasattr(part, name):
-                        setattr(part, name, LoraLinear(getattr(part, name), args.lora_rank, 2 * args.lora_rank))
+        import peft
+        from vipllava_jax.checkpoints.adapter import peft_target_regex
+        torch.manual_seed(args.seed)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                           target_modules=peft_target_regex(LORA_TARGETS)))
+        for p in model.base_model.model.model.multi_modal_projector.parameters():
+            p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     tb = {k: torch.tensor(v.astype(np.int64) if v.dtype == np.int32 else v, device=device) for k, v in batch.items()}
@@ -246,11 +247,52 @@ def jax_side(ckpt, batch: dict, args, stage: str):
     return first, statistics.median(times), mem, n_trained, compile_s - statistics.median(times)
 
 
+def flops_ratio(cfg_dict: dict, args, remat: str) -> tuple[float, float, float]:
+    """(LoRA step FLOPs, full step FLOPs, ratio) from XLA's cost analysis of make_train_step compiled on abstract
+    shapes (no weights), unrolled layers, one micro-batch of this run's batch."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from vipllava_jax.models.config import Runtime, VipLlavaConfig
+    from vipllava_jax.models.params import abstract_params
+    from vipllava_jax.models.vipllava import VipLlavaForConditionalGeneration
+    from vipllava_jax.training.lora import LoraConfig, init_lora
+    from vipllava_jax.training.optim import make_optimizer, split_params
+    from vipllava_jax.training.step import StepConfig, init_state, make_train_step
+    cfg = VipLlavaConfig.from_hf(cfg_dict)
+    module = VipLlavaForConditionalGeneration(cfg, Runtime(scan_layers=False, remat_policy=remat))
+    if args.dtype == "bfloat16":
+        module = module.clone(dtype=jnp.bfloat16)
+    params = nn.unbox(abstract_params(module))
+    size = cfg.vision.image_size
+    b, t = args.batch_size, args.seq_len
+    batch = {"input_ids": jax.ShapeDtypeStruct((1, b, t), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((1, b, t), jnp.int32),
+             "labels": jax.ShapeDtypeStruct((1, b, t), jnp.int32),
+             "pixel_values": jax.ShapeDtypeStruct((1, b, 3, size, size), jnp.float32)}
+    out = {}
+    for stage in ("full", "lora"):
+        trainable, frozen = split_params(params, stage)
+        lcfg = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=LORA_TARGETS) \
+            if stage == "lora" else None
+        tr = {"params": trainable, "lora": {}}
+        if lcfg is not None:
+            tr["lora"] = jax.eval_shape(lambda k: init_lora(frozen, lcfg, k), jax.random.key(0))
+        tx = make_optimizer(LR, 10**6, warmup_ratio=0.0, weight_decay=0.0)
+        state = jax.eval_shape(lambda x: init_state(x, tx), tr)
+        c = jax.jit(make_train_step(module, tx, StepConfig(lora=lcfg))).lower(state, frozen, batch).compile()
+        ca = c.cost_analysis()
+        out[stage] = float((ca[0] if isinstance(ca, list) else ca)["flops"])
+    return out["lora"], out["full"], out["lora"] / out["full"]
+
+
 def table(rows) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["stage"], r["metric"]), {})[r["impl"]] = r
-    order = ("step_s", "tokens_s", "mfu", "peak_mem_gib", "first_step_loss", "compile_s", "trained_params")
+    order = ("step_s", "tokens_s", "mfu", "peak_mem_gib", "first_step_loss", "compile_s", "trained_params",
+             "flops_ratio_lora_full_remat_none", "flops_ratio_lora_full_remat_full", "flops_ratio_lora_full_remat_dots",
+             "flops_ratio_lora_full_remat_dots_no_batch")
     lines = [f"{'stage':<6}{'metric':<17}{'jax':>20}{'torch':>20}{'ratio':>9}"]
     for (stage, metric) in sorted(by, key=lambda k: (k[0], order.index(k[1]))):
         d = by[(stage, metric)]
@@ -336,6 +378,12 @@ def main(argv=None) -> int:
             emit(impl, stage, "trained_params", n_trained, "params", dname)
             if impl == "jax":
                 emit(impl, stage, "compile_s", res[4], "s", dname)
+        if args.impl in ("jax", "both") and args.flops_ratio:
+            for remat in dict.fromkeys(("none", args.remat)):
+                lora_f, full_f, ratio = flops_ratio(cfg_dict, args, remat)
+                emit("jax", "lora", f"flops_ratio_lora_full_remat_{remat}", ratio, "fraction", jax_device)
+                print(f"XLA cost analysis, remat {remat}: LoRA step {lora_f:.4g} FLOPs, full step {full_f:.4g} "
+                      f"FLOPs, ratio {ratio:.3f}", flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
