@@ -3,6 +3,7 @@
     python bench/generate.py --config tiny                # CPU: about 1-2 minutes on 2 cores
     python bench/generate.py --config 7b                  # one GPU (7B-shaped random weights, bf16; ~14 GB each side)
     python bench/generate.py --config 7b --json out.jsonl --batches 1,8,32
+    python bench/generate.py --config 7b --quantize int8   # JAX with int8 weights (bf16 PyTorch beside it)
 
 Random weights of the chosen shape are built once with transformers (on the target device, in the target dtype),
 saved as safetensors into a temp dir, and loaded by both sides; nothing is downloaded. Inputs: one image (random
@@ -68,6 +69,12 @@ def parse_args(argv=None):
     ap.add_argument("--cpu", action="store_true", help="run both sides on the CPU even when a GPU is present")
     ap.add_argument("--workdir", default=None, help="where to save the random checkpoint (default: a temp dir, "
                                                     "removed at the end)")
+    ap.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                    help="JAX side: the language model's linear weights loaded int8 / int4 (weight-only, qwix); "
+                         "PyTorch stays in --dtype. bench/quant_decode.py reads the weight bytes from the compiled "
+                         "decode step")
+    ap.add_argument("--quantize-tile-size", type=int, default=128,
+                    help="int4: input rows a scale (default 128; the tiny config needs 16 or 32)")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode throughput excludes the first token)")
@@ -271,6 +278,8 @@ def main(argv=None) -> int:
             "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
             "image_size": cfg_dict["vision_config"]["image_size"], "image_tokens": cfg_dict["image_seq_length"],
             "text_layers": cfg_dict["text_config"]["num_hidden_layers"], "repeats": args.repeats,
+            "quantize": args.quantize and f"{args.quantize}" + (f" tile {args.quantize_tile_size}"
+                                                                if args.quantize == "int4" else ""),
             "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps({"meta": {**meta, "torch_device": torch_device}}), flush=True)
     rows = []
@@ -309,7 +318,8 @@ def main(argv=None) -> int:
         jdev = jax.devices()[0]
         devices["jax"] = f"{jdev.platform} ({jdev.device_kind})"
         print(json.dumps({"meta": {**meta, "jax_device": devices["jax"]}}), flush=True)
-        module, params = load_pretrained(ckpt, dtype=jnp.dtype(dtype), progress=False)
+        module, params = load_pretrained(ckpt, dtype=jnp.dtype(dtype), progress=False, quantize=args.quantize,
+                                         quantize_tile_size=args.quantize_tile_size)
         bench_jax(module, params, module.config, args, batches, np.random.default_rng(args.seed), emit)
     finally:
         if not args.workdir:
@@ -319,7 +329,8 @@ def main(argv=None) -> int:
         from jax.experimental.compilation_cache import compilation_cache
         compilation_cache.reset_cache()  # the cache object keeps its path until reset
         shutil.rmtree(cache, ignore_errors=True)
-    print(f"\n{args.config} {dtype}: {meta['prompt_tokens']} text tokens + 1 image ({meta['image_size']} px, "
+    print(f"\n{args.config} {dtype}{' (JAX: ' + meta['quantize'] + ' weights)' if meta['quantize'] else ''}: "
+          f"{meta['prompt_tokens']} text tokens + 1 image ({meta['image_size']} px, "
           f"{meta['image_tokens']} image tokens), {args.new_tokens} new tokens, median of {args.repeats}; "
           f"{meta['date']}\nJAX {jax.__version__} on {devices['jax']}; PyTorch {torch.__version__} "
           f"(transformers {transformers.__version__}) on {torch_device}")

@@ -58,3 +58,33 @@ def test_train_benchmark_tiny(tmp_path, capsys):
         assert got[("jax", stage, "trained_params")] == got[("torch", stage, "trained_params")]
     printed = capsys.readouterr().out
     assert "ratio" in printed and "tokens_s" in printed and "mfu" in printed
+
+
+QUANT_DECODE = BENCH.with_name("quant_decode.py")
+
+
+def test_quant_decode_weight_bytes_from_the_compiled_step():
+    """bench/quant_decode.py at small size (hidden 256, 2 layers): the weight bytes read from the compiled decode
+    step are the parameter tree's (int4 packed, bf16 scales, one embedding row), int8 <= 0.55x and int4 <= 0.30x of
+    bf16's, and the quantized step writes no full-size float weight copy beyond what the backend writes for bf16
+    weights too (XLA:CPU converts every weight to fp32 for its dot; on GPU/TPU: none)."""
+    import jax
+    from vipllava_jax.models.presets import TINY
+    qd = runpy.run_path(str(QUANT_DECODE))
+    cfg = TINY.replace(text=TINY.text.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                              num_key_value_heads=4, head_dim=64))
+    res = qd["run"](cfg, layers=2, tile=128, cache_len=64)
+    h, f = 256, 512
+    # one layer's kernels as (in, out): q, k, v, o [h, h]; gate, up [h, f]; down [f, h]
+    kernels = [(h, h)] * 4 + [(h, f)] * 2 + [(f, h)]
+    elems = sum(i * o for i, o in kernels)
+    scales = {"bf16": 0, "int8": sum(o for _, o in kernels), "int4": sum(i // 128 * o for i, o in kernels)}
+    codes = {"bf16": 2 * elems, "int8": elems, "int4": elems // 2}
+    for mode, r in res.items():
+        norms = 2 * h * 2  # input / post-attention RMSNorm scales, bf16
+        assert r["layer_weight_bytes"] == 2 * (codes[mode] + 2 * scales[mode] + norms), mode
+        assert r["kernels_quantized"] == (0 if mode == "bf16" else 14)
+    assert res["int8"]["ratio_vs_bf16"] <= 0.55 and res["int4"]["ratio_vs_bf16"] <= 0.30
+    base = res["bf16"]["dequant_copies"]
+    for mode in ("int8", "int4"):
+        assert res[mode]["dequant_copies"] == (base if jax.default_backend() == "cpu" else 0), res[mode]
