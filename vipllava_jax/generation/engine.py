@@ -104,8 +104,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from ..models.llama import KVCache
 from ..models.vipllava import check_token_ids, image_token_mismatch
+from ..parallel.jit import mesh_context
+from ..parallel.rules import LOGICAL_AXIS_RULES
+from ..parallel.shardings import cache_shardings, param_shardings, put_global, shard_params
 from .inputs import check_count, check_seed, eos_ids, pad_id
 from .loop import _unscanned
 from .sampling import apply_top_p
@@ -115,6 +120,7 @@ Array = jax.Array
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+HEARTBEAT_S = 1.0  # a multi-host leader with nothing to do still sends a message this often (followers wait in it)
 
 
 class QueueFull(RuntimeError):
@@ -233,12 +239,44 @@ def _decode_fn(module, chunk: int, rows: int):
     return decode
 
 
+def serving_rules(rules=LOGICAL_AXIS_RULES) -> tuple:
+    """The engine's logical-axis rules on a mesh: ``rules`` with the batch axes replicated. The slots are not
+    split over data/fsdp (a decode chunk slices the busy rows out); weights and the cache's kv heads are sharded
+    as the rules say, so a model too big for one device serves from several (tensor / fsdp)."""
+    return tuple((name, None if name in ("batch", "cache_batch") else axes) for name, axes in rules)
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled(module, batch: int, max_len: int, chunk: int, rows: tuple[int, ...]):
+def _compiled(module, batch: int, max_len: int, chunk: int, rows: tuple[int, ...], mesh=None, rules=None):
     """(init, admit, {rows: decode}) jitted, shared by engines of the same model and shapes (tests start several).
-    ``rows``: the decode row buckets."""
-    return (jax.jit(_init_fn(module, batch, max_len)), jax.jit(_admit_fn(module), donate_argnums=(1,)),
-            {r: jax.jit(_decode_fn(module, chunk, r), donate_argnums=(1,)) for r in rows})
+    ``rows``: the decode row buckets. With a mesh: the state's shardings are explicit (the cache's kv heads as
+    the rules say, every other leaf replicated); the other inputs come placed (params as loaded, host arrays
+    replicated), and every call runs inside the mesh and ``rules`` (`_MeshJit`)."""
+    if mesh is None:
+        return (jax.jit(_init_fn(module, batch, max_len)), jax.jit(_admit_fn(module), donate_argnums=(1,)),
+                {r: jax.jit(_decode_fn(module, chunk, r), donate_argnums=(1,)) for r in rows})
+    rep = NamedSharding(mesh, P())
+    cache = cache_shardings(module.config, mesh, rules).replace(ring=True)
+    state = SlotState(cache=cache, last=rep, positions=rep, steps=rep, seeds=rep, temperature=rep, top_p=rep)
+    return (_MeshJit(_init_fn(module, batch, max_len), mesh, rules, out_shardings=state),
+            _MeshJit(_admit_fn(module), mesh, rules, out_shardings=(state, rep), donate_argnums=(1,)),
+            {r: _MeshJit(_decode_fn(module, chunk, r), mesh, rules, out_shardings=(state, rep), donate_argnums=(1,))
+             for r in rows})
+
+
+class _MeshJit:
+    """jax.jit called inside the mesh and the logical-axis rules (so the model's constraints apply)."""
+
+    def __init__(self, fn, mesh, rules, **jit_kw):
+        self.mesh, self.rules = mesh, rules
+        self._jit = jax.jit(fn, **jit_kw)
+
+    def __call__(self, *args):
+        with mesh_context(self.mesh, self.rules):
+            return self._jit(*args)
+
+    def _cache_size(self) -> int:
+        return self._jit._cache_size()
 
 
 # --- requests ---------------------------------------------------------------------------------------------------
@@ -377,10 +415,13 @@ class Engine:
     def __init__(self, module, params, processor=None, *, max_batch: int = 16, max_model_len: int | None = None,
                  chunk: int = 8, mesh=None, prefill_buckets: Sequence[int] | None = None,
                  image_buckets: Sequence[int] | None = None, batch_buckets: Sequence[int] | None = None,
-                 max_queue: int = 64):
-        if mesh is not None:
-            raise NotImplementedError("Engine(mesh=...) is not supported yet: the engine runs on one device")
+                 max_queue: int = 64, rules=LOGICAL_AXIS_RULES, channel=None):
         module, params = _unscanned(module, params)
+        self.mesh, self.rules = mesh, None if mesh is None else serving_rules(rules)
+        if mesh is not None and jax.tree.structure(params) == jax.tree.structure(
+                param_shardings(module.config, mesh, rules=self.rules)):
+            params = shard_params(params, module.config, mesh, self.rules)  # no-op when loaded with mesh=
+        self._channel = channel  # multi-host: process 0's engine sends every device call to the followers
         self.module, self.params, self.processor = module, params, processor
         cfg = module.config
         self.max_batch = check_count(max_batch, "max_batch")
@@ -428,7 +469,8 @@ class Engine:
         pad = pad_id(cfg, processor.pad_token_id if processor is not None else None, self.eos)
         self.pad = 0 if pad == cfg.image_token_index else pad
 
-        self._init, self._admit, self._decode = _compiled(module, self.max_batch, s, self.chunk, self.batch_buckets)
+        self._init, self._admit, self._decode = _compiled(module, self.max_batch, s, self.chunk, self.batch_buckets,
+                                                          mesh, self.rules)
         self._state: SlotState | None = None
         self._slots: list[Request | None] = [None] * self.max_batch
         self._queue: collections.deque[Request] = collections.deque()
@@ -437,6 +479,7 @@ class Engine:
         self._stopping = False
         self._deadline: float | None = None
         self._next_id = 0
+        self._following = False
         self.ready = False
         self._ready_event = threading.Event()
         self.error: BaseException | None = None
@@ -548,6 +591,60 @@ class Engine:
         """Programs compiled so far by the engine's jitted functions (shared by engines of the same shapes)."""
         return sum(f._cache_size() for f in (self._init, self._admit, *self._decode.values()))
 
+    # -- device calls (the same on every process of a multi-host engine) -------------------------------------------
+    def _placed(self, args) -> tuple:
+        """Host arrays as the jitted calls take them: as they are on one device; on a mesh, replicated global
+        arrays (every process holds the same values: the leader's plan)."""
+        if self.mesh is None:
+            return args
+        rep = NamedSharding(self.mesh, P())
+        return tuple(None if a is None else put_global(np.asarray(a), rep) for a in args)
+
+    def _run(self, kind: str, *args):
+        """One device call on the state: ("init",), ("admit", packed args) or ("decode", rows, active). The
+        leader of a multi-host engine sends it to the followers first. Returns the call's tokens (or None)."""
+        if self._channel is not None and not self._following:
+            self._channel.send((kind,) + args)
+        if kind == "init":
+            self._state, toks = self._init(), None
+        elif kind == "admit":
+            self._state, toks = self._admit(self.params, self._state, *self._placed(args[0]))
+        elif kind == "decode":
+            self._state, toks = self._decode[args[0]](self.params, self._state, *self._placed((args[1],)))
+        elif kind != "noop":
+            raise ValueError(f"unknown engine call {kind!r}")
+        else:
+            toks = None
+        return toks
+
+    @staticmethod
+    def _host(x) -> np.ndarray:
+        """A replicated result on the host (on a multi-host mesh: this process's copy)."""
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    def follow(self, warmup: bool = True) -> None:
+        """Multi-host serving, on every process but 0: build the same Engine with ``channel=`` (the same
+        arguments as process 0's), then call this instead of `start`. It warms up as the leader does, then runs
+        each device call the leader sends, on its own devices' shards, until the leader stops. Returns then."""
+        if self._channel is None:
+            raise ValueError("follow() needs the engine's channel (Engine(..., channel=BroadcastChannel()))")
+        self._following = True
+        self._state = self._init()
+        if warmup:
+            self._warmup()
+        self.ready = True
+        self._ready_event.set()
+        while True:
+            msg = self._channel.recv()
+            if msg[0] == "stop":
+                return
+            try:
+                self._run(*msg)
+            except Exception:  # noqa: BLE001 - the leader's same call fails too; it decides what happens next
+                log.exception("follower: engine call %r failed", msg[0])
+
     # -- engine thread -----------------------------------------------------------------------------------------
     def _wake(self):
         with self._cv:
@@ -555,7 +652,7 @@ class Engine:
 
     def _main(self, warmup: bool):
         try:
-            self._state = self._init()
+            self._state = self._init()  # not sent: every process starts and warms up alike on its own
             if warmup:
                 self._warmup()
             self.ready = True
@@ -577,6 +674,11 @@ class Engine:
                 r._deliver([], "error", e)
         finally:
             self._ready_event.set()
+            if self._channel is not None:
+                try:
+                    self._channel.send(("stop",))
+                except Exception:  # noqa: BLE001
+                    log.exception("could not tell the followers to stop")
 
     def _warmup(self):
         """Run every program once: admit for each (length bucket, image bucket, batch bucket) that can hold a
@@ -596,14 +698,16 @@ class Engine:
                     if k > 1 and k * tb > self.prefill_tokens:
                         continue
                     args = self._pack([(self.max_batch, ids, pix, 0, 0.0, 1.0)] * k, tb=tb, ib=ni)
-                    self._state, tok = self._admit(self.params, self._state, *args)
+                    self._state, tok = self._admit(self.params, self._state, *self._placed(args))
         for rows in self.batch_buckets:
-            self._state, toks = self._decode[rows](self.params, self._state, np.zeros((self.max_batch,), bool))
+            self._state, toks = self._decode[rows](self.params, self._state,
+                                                   *self._placed((np.zeros((self.max_batch,), bool),)))
         jax.block_until_ready(toks)
 
     def _plan(self) -> Plan | None:
         """Every scheduling decision of one chunk boundary, under the lock: cancelled requests leave their slots,
         queued ones take free slots (FIFO), the stop's deadline is applied. None: the engine ends."""
+        idle_since = time.monotonic()
         with self._cv:
             while True:
                 for i, r in enumerate(self._slots):
@@ -624,8 +728,13 @@ class Engine:
                     return None
                 if busy:
                     break
-                self._cv.wait(timeout=None if self._deadline is None else
-                              max(0.0, self._deadline - time.monotonic()))
+                timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+                if self._channel is not None:  # multi-host: an empty plan (a heartbeat) every HEARTBEAT_S idle
+                    left = HEARTBEAT_S - (time.monotonic() - idle_since)
+                    if left <= 0:
+                        return Plan([], np.zeros((self.max_batch,), bool))
+                    timeout = left if timeout is None else min(timeout, left)
+                self._cv.wait(timeout=timeout)
             admit = []
             for i in range(self.max_batch):
                 if self._slots[i] is None and self._queue:
@@ -707,7 +816,7 @@ class Engine:
         out = []
         for part in parts:
             try:
-                self._state, toks = self._admit(self.params, self._state, *self._pack([e for e, _ in part]))
+                toks = self._run("admit", self._pack([e for e, _ in part]))
             except Exception as e:  # noqa: BLE001
                 log.warning("admission of %d requests failed: %s", len(part), e)
                 for (slot, *_), r in part:
@@ -722,16 +831,17 @@ class Engine:
     def _execute(self, plan: Plan):
         firsts = self._admit_group(plan.admit)
         if firsts:  # the first tokens go out now, before the chunk (time to first token); some requests end here
-            first_host = jax.device_get([t for _, t in firsts])
+            first_host = [self._host(t) for _, t in firsts]
             self._deliver({slot: [int(t)] for (slots, _), ts in zip(firsts, first_host) for slot, t in zip(slots, ts)})
         with self._cv:
             active = np.array([r is not None for r in self._slots], bool) & plan.active
         if not active.any():
+            if not plan.admit and self._channel is not None:
+                self._run("noop")  # the followers' heartbeat while idle
             return
         rows = next(b for b in self.batch_buckets if b > int(np.nonzero(active)[0][-1]))
         try:
-            self._state, toks = self._decode[rows](self.params, self._state, active)
-            toks = jax.device_get(toks)
+            toks = self._host(self._run("decode", rows, active))
         except Exception as e:  # noqa: BLE001 - a failed chunk fails the running requests, the engine goes on
             log.exception("decode chunk failed")
             for slot, r in enumerate(self._slots):
@@ -770,4 +880,4 @@ class Engine:
             for slot, r in enumerate(self._slots):
                 if r is not None:
                     self._free(slot, r, "error", err)
-            self._state = self._init()
+            self._run("init")

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from typing import Sequence
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from .mesh import make_mesh
 
@@ -132,3 +135,26 @@ def mesh_from_args(args: argparse.Namespace, config=None):
 def is_main_process() -> bool:
     """True on process 0: print and write files there only."""
     return jax.process_index() == 0
+
+
+class BroadcastChannel:
+    """Process 0 sends Python objects to every other process, in order: the multi-host serving engine's plans
+    (`generation.engine.Engine` with ``channel=``). Each message is pickled (all processes run this package and
+    trust process 0) and goes as two device broadcasts (``multihost_utils.broadcast_one_to_all``): its length,
+    then its bytes padded to a power of two (few shapes: few compiles). Every process must call in the same
+    order: process 0 `send`, the others `recv`."""
+
+    MIN_BYTES = 256
+
+    def send(self, obj) -> None:
+        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+        size = max(self.MIN_BYTES, 1 << (len(data) - 1).bit_length())
+        buf = np.zeros(size, np.uint8)
+        buf[:len(data)] = data
+        multihost_utils.broadcast_one_to_all(np.array([len(data), size], np.int32))
+        multihost_utils.broadcast_one_to_all(buf)
+
+    def recv(self):
+        n, size = (int(x) for x in multihost_utils.broadcast_one_to_all(np.zeros(2, np.int32)))
+        buf = np.asarray(multihost_utils.broadcast_one_to_all(np.zeros(size, np.uint8)))
+        return pickle.loads(buf[:n].tobytes())
