@@ -16,6 +16,7 @@ import pytest
 
 from vipllava_jax.generation import generate, token_strings
 from vipllava_jax.generation.engine import Engine, EngineStopped, QueueFull, RequestFailed
+from vipllava_jax.parallel import make_mesh
 from vipllava_jax.testing import TINY_IMAGE_TOKEN
 
 KW = dict(max_batch=4, max_model_len=64, chunk=4, prefill_buckets=(32, 64))
@@ -297,3 +298,23 @@ def test_a_follower_mirrors_the_leader(tiny_model, tiny_processor):
     assert channel.sent["stop"] == 1 and channel.sent["admit"] >= 2 and channel.sent["decode"] >= 2
     for a, b in zip(jax.tree.leaves(leader._state), jax.tree.leaves(follower._state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_engine_on_a_mesh_equals_generate(tiny_model, tiny_processor):
+    """The engine's mesh code path (explicit state shardings, placed host arrays, calls inside the mesh and the
+    serving rules) on this process's one device; the 4-device mesh over two processes is the slow
+    tests/serving/test_multihost_serve.py."""
+    module, params = tiny_model
+    eng = Engine(module, params, tiny_processor, mesh=make_mesh("fsdp=1", module.config), max_batch=2,
+                 max_model_len=64, chunk=4, prefill_buckets=(32,), image_buckets=(0,)).start()
+    try:
+        assert eng.wait_ready(300) and eng.error is None
+        rng = np.random.default_rng(0)  # the staggered test's text prompts (their references compiled once)
+        p0, p2 = make_prompt(rng, 5, False), (make_prompt(rng, 2, True), make_prompt(rng, 11, False))[1]
+        reqs = [eng.submit(p0[0], max_new_tokens=12, eos_token_id=[]), eng.submit(p2[0], max_new_tokens=3,
+                                                                                   eos_token_id=[])]
+        assert reqs[0].result(120) == reference(tiny_model, p0[0], None, 12)
+        assert reqs[1].result(120) == reference(tiny_model, p2[0], None, 3)
+        assert eng._state.cache.k[0].sharding.mesh.shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    finally:
+        eng.stop(5)

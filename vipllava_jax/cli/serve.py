@@ -10,6 +10,12 @@ shape, then 200) and /metrics (Prometheus). One engine thread owns the device an
 requests at once; a new request joins between two decode chunks. Binds 127.0.0.1 unless --host says otherwise;
 SIGTERM or Ctrl-C stops taking requests, lets the running ones finish (up to --shutdown-grace seconds) and exits
 0. Needs the serve extra (pip install -e ".[serve]"): fastapi, uvicorn, pydantic, prometheus_client.
+
+Several devices: --mesh "tensor=4" shards the weights and the KV cache. Several hosts (a pod slice, or
+--coordinator/--num-processes/--process-id): run the same command on every host; process 0 serves HTTP and plans
+each batch, the others follow its device calls on their shards (stop process 0: the others exit with it).
+
+    vipllava-jax serve --model DIR --mesh fsdp=2,tensor=4 --coordinator host0:1234 --num-processes 2 --process-id I
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 from ..checkpoints.load import load_config, load_pretrained, resolve_model_path
 from ..data.processor import Processor
 from ..generation.engine import Engine
+from ..parallel.distributed import BroadcastChannel, add_distributed_args, initialize_from_args
 from ..parallel.mesh import make_mesh
 from .common import DEFAULT_CACHE_DIR, DTYPES, auto_dtype, enable_compilation_cache, add_quantize_args, quantize_kwargs
 
@@ -47,7 +54,9 @@ def register(sub) -> None:
                         "cache slots per request")
     p.add_argument("--chunk", type=int, default=8, help="decode steps per device call (requests join between)")
     p.add_argument("--mesh", default=None,
-                   help="device mesh spec; the engine runs on one device for now, so only a 1-device mesh")
+                   help='device mesh over every device of every host, e.g. "tensor=4" or "fsdp=2,tensor=4": weights '
+                        "and the KV cache's kv heads sharded by the rules table, decode slots replicated (default: "
+                        "one device; with several processes, every device on fsdp)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="file:// images may come from this directory (symlinks and '..' resolved); none by default")
     p.add_argument("--api-key", default=None,
@@ -66,6 +75,7 @@ def register(sub) -> None:
                    help="JAX persistent compilation cache directory ('' to turn it off): a second start warms "
                         "up from it")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_distributed_args(p, mesh=False)
     p.set_defaults(func=run)
 
 
@@ -92,24 +102,29 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    initialize_from_args(args)  # multi-host: before any device use
     enable_compilation_cache(args.compilation_cache)
+    hosts, me = jax.process_count(), jax.process_index()
 
     model_dir = resolve_model_path(args.model)
     config = load_config(model_dir)
     proc = Processor.from_pretrained(model_dir)
-    if args.mesh:
-        mesh = make_mesh(args.mesh, config)
-        if mesh.size > 1:
-            raise ValueError(f"--mesh {args.mesh}: {mesh.size} devices, but the serving engine runs on one device "
-                             "for now (Engine(mesh=...) is not implemented)")
+    mesh = make_mesh(args.mesh or "auto", config) if args.mesh or hosts > 1 else None
     dtype = auto_dtype(args.dtype)
     t0 = time.perf_counter()
     module, params = load_pretrained(model_dir, dtype=jnp.dtype(dtype), progress=False, verify=not args.no_verify,
-                                     adapter=args.adapter, **quantize_kwargs(args))
+                                     adapter=args.adapter, mesh=mesh, **quantize_kwargs(args))
     print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}]",
           file=sys.stderr, flush=True)
     engine = Engine(module, params, proc, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                    chunk=args.chunk, max_queue=args.max_queue)
+                    chunk=args.chunk, max_queue=args.max_queue, mesh=mesh,
+                    channel=BroadcastChannel() if hosts > 1 else None)
+    if me != 0:  # multi-host: process 0 serves HTTP and plans; this one runs the same device calls on its shards
+        print(f"[process {me} of {hosts}: following process 0's engine on {len(jax.local_devices())} local "
+              f"device(s) of the mesh {dict(mesh.shape)}]", file=sys.stderr, flush=True)
+        engine.follow()
+        print(f"[process {me}: process 0 stopped; exiting]", file=sys.stderr, flush=True)
+        return 0
     app = create_app(engine, proc, model_name=args.served_model_name or args.model, start_engine=True,
                      stop_grace_s=args.shutdown_grace, allowed_local_media_path=args.allowed_local_media_path,
                      api_key=args.api_key or os.environ.get("VIPLLAVA_API_KEY") or None,
