@@ -155,7 +155,9 @@ def float32_out(src, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+# Two kill points in the default suite (one leaving the old output, one the new); the other two are slow.
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s in ("before swap", "after swap")
+                                   else s for s in STAGES])
 def test_overwrite_killed_at_each_step_of_the_swap(src, float32_out, tmp_path, stage):
     out = tmp_path / "out"
     shutil.copytree(float32_out, out)

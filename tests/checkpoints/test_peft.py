@@ -55,7 +55,7 @@ def test_peft_keys_and_regex_match_the_language_model_only(peft_adapter):
     assert not any("vision_tower" in k for k in keys)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_peft_saved_adapter_loads_into_ours_with_equal_logits(tiny_hf, peft_adapter, scan):
     d, inputs, ref = peft_adapter
     module, params = load_pretrained(tiny_hf, progress=False, scan_layers=scan, adapter=d)

@@ -144,6 +144,8 @@ def test_marker_flag_errors(ckpt, capsys, tmp_path):
     assert rc == 2 and "does not match the image's" in err
 
 
+@pytest.mark.slow  # two CLI processes; its fast twin: tests/test_bench.py's generate benchmark times a load
+# from the persistent cache (cached_compile_s)
 def test_persistent_compilation_cache_on_by_default(ckpt, tmp_path):
     """With no --compilation-cache flag the CLI writes JAX's persistent cache (in a fresh process, since the
     setting is global), and a second run that reads it gives the same answer."""

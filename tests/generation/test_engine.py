@@ -302,19 +302,25 @@ def test_a_follower_mirrors_the_leader(tiny_model, tiny_processor):
 
 def test_engine_on_a_mesh_equals_generate(tiny_model, tiny_processor):
     """The engine's mesh code path (explicit state shardings, placed host arrays, calls inside the mesh and the
-    serving rules) on this process's one device; the 4-device mesh over two processes is the slow
+    serving rules) on this process's one device, with two images in one request (image bucket 2) beside a text
+    prompt in one batched prefill; the 4-device mesh over two processes is the slow
     tests/serving/test_multihost_serve.py."""
     module, params = tiny_model
-    eng = Engine(module, params, tiny_processor, mesh=make_mesh("fsdp=1", module.config), max_batch=2,
-                 max_model_len=64, chunk=4, prefill_buckets=(32,), image_buckets=(0,)).start()
+    eng = Engine(module, params, tiny_processor, mesh=make_mesh("fsdp=1", module.config, devices=jax.devices()[:1]), max_batch=2,
+                 max_model_len=96, chunk=4, prefill_buckets=(64,), image_buckets=(0, 2), batch_buckets=(2,))
+    eng.start()
     try:
         assert eng.wait_ready(300) and eng.error is None
-        rng = np.random.default_rng(0)  # the staggered test's text prompts (their references compiled once)
-        p0, p2 = make_prompt(rng, 5, False), (make_prompt(rng, 2, True), make_prompt(rng, 11, False))[1]
-        reqs = [eng.submit(p0[0], max_new_tokens=12, eos_token_id=[]), eng.submit(p2[0], max_new_tokens=3,
-                                                                                   eos_token_id=[])]
-        assert reqs[0].result(120) == reference(tiny_model, p0[0], None, 12)
-        assert reqs[1].result(120) == reference(tiny_model, p2[0], None, 3)
+        rng = np.random.default_rng(4)
+        ids = np.concatenate([[1], np.full(SEQ, TINY_IMAGE_TOKEN), [7, 9], np.full(SEQ, TINY_IMAGE_TOKEN), [5]])
+        pix = rng.standard_normal((2, 3, 30, 30)).astype(np.float32)
+        text, _ = make_prompt(rng, 11, False)
+        with eng._cv:
+            reqs = [eng.submit(ids, pix, max_new_tokens=6, eos_token_id=[]),
+                    eng.submit(text, max_new_tokens=3, eos_token_id=[])]
+        assert reqs[0].result(120) == reference(tiny_model, ids.astype(np.int32), pix, 6)
+        assert reqs[1].result(120) == reference(tiny_model, text, None, 3)
+        assert eng.stats()["admit_calls"] == 1
         assert eng._state.cache.k[0].sharding.mesh.shape == {"data": 1, "fsdp": 1, "tensor": 1}
     finally:
         eng.stop(5)

@@ -31,7 +31,7 @@ def _text_batch(rng):
     return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask.astype(bool), ids, -100)}
 
 
-@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
+@pytest.mark.parametrize("scan,remat", [(False, "none"), pytest.param(True, "full", marks=pytest.mark.slow)])
 def test_lora_gradients_equal_the_merged_formulation(tiny_model, scan, remat):
     """d loss / d (A, B) through the unmerged adapters == through W + (alpha/r) A B, within 1e-5 (relative)."""
     module, params = tiny_model

@@ -52,6 +52,8 @@ def register(sub) -> None:
                    help="tokens per request, prompt and answer together (default: the model's context); a "
                         "longer prompt is answered 400. Smaller is faster: every decode step reads this many "
                         "cache slots per request")
+    p.add_argument("--max-images", type=int, default=1,
+                   help="images one request may hold (default 1); the warm-up also compiles prompts with this many")
     p.add_argument("--chunk", type=int, default=8, help="decode steps per device call (requests join between)")
     p.add_argument("--mesh", default=None,
                    help='device mesh over every device of every host, e.g. "tensor=4" or "fsdp=2,tensor=4": weights '
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         from ..serving import create_app, run_server
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra ({e}): pip install -e \".[serve]\"") from None
-    for name in ("max_batch", "max_queue", "chunk"):
+    for name in ("max_batch", "max_queue", "chunk", "max_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[loaded {model_dir} as {dtype} in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}]",
           file=sys.stderr, flush=True)
     engine = Engine(module, params, proc, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                    chunk=args.chunk, max_queue=args.max_queue, mesh=mesh,
+                    chunk=args.chunk, max_queue=args.max_queue, mesh=mesh, image_buckets=(0, 1, args.max_images),
                     channel=BroadcastChannel() if hosts > 1 else None)
     if me != 0:  # multi-host: process 0 serves HTTP and plans; this one runs the same device calls on its shards
         print(f"[process {me} of {hosts}: following process 0's engine on {len(jax.local_devices())} local "

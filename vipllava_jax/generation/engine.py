@@ -17,16 +17,17 @@ Use::
 API (all methods thread-safe; each ``Request`` has one consumer):
 
 * ``Engine(module, params, processor=None, *, max_batch=16, max_model_len=None, chunk=8, mesh=None,
-  prefill_buckets=None, image_buckets=None, batch_buckets=None, max_queue=64)``. ``processor``: a `data.Processor` (its EOS id is
-  the default EOS, its tokenizer builds the stop-string tables); None: the checkpoint's EOS, no stop strings.
+  prefill_buckets=None, image_buckets=None, batch_buckets=None, max_queue=64, rules=LOGICAL_AXIS_RULES,
+  channel=None)``. ``processor``: a `data.Processor` (its EOS id is the default EOS, its tokenizer builds the stop-string tables); None: the checkpoint's EOS, no stop strings.
   ``max_model_len``: slots per row of the KV cache, prompt and new tokens together (default and upper bound:
   the model's max_position_embeddings). ``chunk``: decode steps per device call (new requests join and
   finished ones leave between chunks). ``prefill_buckets``: prompt lengths prefill compiles for (default 16, 32,
   64, ... and max_model_len); ``image_buckets``: image counts per request it compiles for (default (0, 1));
   ``batch_buckets``: row counts of a batched prefill and of a decode chunk (default 1, 4, 16, ... and max_batch;
   K prompts of a length bucket Tb are prefilled together only while K x Tb <= max(2048, max_model_len));
-  ``max_queue``: requests waiting for a slot before `submit` raises `QueueFull`. ``mesh``: not supported yet
-  (must be None); the seam for it and for multi-host serving is `Engine._plan` (below).
+  ``max_queue``: requests waiting for a slot before `submit` raises `QueueFull`. ``mesh``: a Mesh over every
+  device (of every host) to shard over: weights and the cache's kv heads by ``rules``, slots replicated
+  (`serving_rules`); load the params with the same mesh. ``channel``: multi-host serving (below).
 * ``engine.start(warmup=True)``: starts the engine thread; with ``warmup`` it first compiles (and runs once)
   the prefill+insert for every (length bucket, image bucket) pair that can hold a prompt and the decode chunk,
   so no request compiles anything afterwards; ``engine.ready`` turns True then (``engine.wait_ready(timeout)``).
@@ -51,6 +52,7 @@ API (all methods thread-safe; each ``Request`` has one consumer):
   ``usage``, ``prompt_tokens``, ``completion_tokens``, ``done``, ``wait(timeout)``, ``cancel()`` (its slot is
   free at the next chunk boundary; a queued request is dropped at once), ``submitted_at`` /
   ``first_token_at`` / ``finished_at`` (time.monotonic()).
+* ``engine.follow(warmup=True)``: on every process but 0 of a multi-host engine, instead of `start`.
 * ``engine.stop(grace_s=30.0)``: stops accepting, lets the running and queued requests finish for up to
   ``grace_s`` seconds, cancels the rest and ends the thread. ``engine.stats()``: running, queued, free slots,
   chunks and tokens so far, compiled programs. ``engine.compile_count()``: programs compiled by the engine's
@@ -83,9 +85,13 @@ How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket,
   S 128, chunk 8): a decode chunk 1.9 ms at R 1, 5.0 at R 4, 15 at R 16; a prefill 3.1 ms at K 1, 8.2 at K 4,
   22 at K 16.
 * The host loop is ``plan = self._plan()`` (all scheduling decisions: admissions into free slots, which slots
-  decode, cancellations, the stop) then ``self._execute(plan)`` (device calls and token delivery). For
-  multi-host serving, process 0 would make the plan (with the admitted requests' arrays) and broadcast it, and
-  every process would run `_execute`'s device calls on it; not implemented.
+  decode, cancellations, the stop) then ``self._execute(plan)`` (device calls and token delivery).
+* Multi-host: every process builds the same Engine with ``mesh`` over all devices and ``channel`` (a
+  `parallel.distributed.BroadcastChannel`). Process 0 runs `start` (and the HTTP server); every device call its
+  engine makes after the warm-up (an admission's packed arrays, a decode chunk's rows and active slots, a state
+  reset, an idle heartbeat every HEARTBEAT_S) is first sent over the channel, and the other processes, in
+  `follow`, make the same call on their shards, until process 0 sends "stop". Each process warms up alike on its
+  own. Only process 0 reads tokens back and talks to clients.
 """
 from __future__ import annotations
 
