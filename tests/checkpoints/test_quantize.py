@@ -125,7 +125,7 @@ def test_loader_holds_one_float_kernel_at_a_time(tiny_hf, monkeypatch):
     assert len(seen) == 14 and max(seen) <= 1, seen
 
 
-MEMORY_SCRIPT = Path(__file__).with_name("quantize_memory_child.py")
+MEMORY_SCRIPT = Path(__file__).with_name("memory_child.py")
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_quantized_load_peak_memory(tmp_path, run_python, mode):
     measured at about 60 MB here), far below a float copy. glibc's malloc is told to return large frees
     (MALLOC_MMAP_THRESHOLD_) so that RSS shows what is live rather than freed blocks kept in its heap."""
     env = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
-    r = run_python([MEMORY_SCRIPT, "write", tmp_path], full_opt=True, **env)
+    r = run_python([MEMORY_SCRIPT, "write", tmp_path, "quantize"], full_opt=True, **env)
     assert r.returncode == 0, r.stderr[-2000:]
     size = os.path.getsize(tmp_path / "model.safetensors")
     r = run_python([MEMORY_SCRIPT, "load", tmp_path, mode], full_opt=True, **env)
