@@ -68,10 +68,8 @@ def export_hf(state: TrainState, frozen: dict, config, out_dir, *, lora: LoraCon
     Written into a temporary sibling and swapped in, so ``out_dir`` is at every moment absent, the old directory
     whole or the new one whole; an existing ``out_dir`` is replaced (the caller checks `export_owner` first).
     Every process must call it (the gather is collective); process 0 writes. Returns the path on process 0."""
-    params = jax.jit(compute_params, static_argnums=(2, 3))(state.trainable, frozen, lora, config.quantization)
-    if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)
-    params = jax.tree.map(np.asarray, jax.device_get(params))
+    params = _on_host(jax.jit(compute_params, static_argnums=(2, 3))(state.trainable, frozen, lora,
+                                                                      config.quantization))
     if jax.process_index() != 0:
         return None
     out_dir = Path(out_dir).absolute()
@@ -81,6 +79,13 @@ def export_hf(state: TrainState, frozen: dict, config, out_dir, *, lora: LoraCon
                 overwrite=True)
         _write_marker(tmp, run_dir, step)
     return out_dir
+
+
+def _on_host(tree):
+    """A (possibly multi-host) tree of global arrays as numpy, whole on every process (a collective)."""
+    if jax.process_count() > 1:
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 def _write_marker(tmp: Path, run_dir, step) -> None:
@@ -95,10 +100,7 @@ def export_adapter(state: TrainState, out_dir, *, lora: LoraConfig, base_model=N
     """Write the run's LoRA as a PEFT adapter directory (`checkpoints.adapter.save_adapter`): the adapters, and
     the projector (which the LoRA stage trains too) in ``modules_to_save``, so ``PeftModel.from_pretrained(base,
     out_dir)`` computes what was trained. Atomic and marked like `export_hf`; every process calls it."""
-    trainable = state.trainable
-    if jax.process_count() > 1:
-        trainable = multihost_utils.process_allgather(trainable, tiled=True)
-    trainable = jax.tree.map(np.asarray, jax.device_get(trainable))
+    trainable = _on_host(state.trainable)
     if jax.process_index() != 0:
         return None
     out_dir = Path(out_dir).absolute()
