@@ -202,7 +202,7 @@ def test_the_table_itself():
         assert logical_spec(axes[path]) == spec, path
     assert logical_spec(("batch", "length", "act_heads", "head_dim")) == P(("data", "fsdp"), None, "tensor", None)
     cs = cache_shardings(PRESETS["tiny"], mesh)
-    assert cs.k[0].spec == P(("data", "fsdp"), None, "tensor", None) and cs.mask.spec == P(("data", "fsdp"), None)
+    assert cs.k[0].spec == P(("data", "fsdp"), "tensor", None, None) and cs.mask.spec == P(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="'typo_axis' has no rule"):
         logical_spec(("batch", "typo_axis"))
 

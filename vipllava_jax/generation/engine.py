@@ -195,14 +195,15 @@ def _admit_fn(module):
         tokens = select_slot_tokens(out.logits[:, -1], temperature, top_p, seeds, jnp.zeros((k,), jnp.int32))
         shift = (state.cache.index - tb) % s
 
-        def put(big, small):  # big [B, S, ...], small [K, Tb, ...] -> rows `slots` = small rolled to end at index
-            rows = jnp.zeros((k,) + big.shape[1:], big.dtype).at[:, :tb].set(small.astype(big.dtype))
-            return big.at[slots].set(jnp.roll(rows, shift, axis=1), mode="drop")
+        def put(big, small, axis):  # big [B, .., S, ..], small [K, .., Tb, ..] (slots on `axis`) -> rows `slots`
+            rows = jnp.zeros((k,) + big.shape[1:], big.dtype)  # = small rolled to end at the write index
+            rows = jax.lax.dynamic_update_slice_in_dim(rows, small.astype(big.dtype), 0, axis)
+            return big.at[slots].set(jnp.roll(rows, shift, axis=axis), mode="drop")
 
-        c = state.cache
-        ring = c.replace(k=tuple(put(a, b) for a, b in zip(c.k, out.cache.k)),
-                         v=tuple(put(a, b) for a, b in zip(c.v, out.cache.v)),
-                         mask=put(c.mask, out.cache.mask))
+        c = state.cache  # k, v [B, K, S, H]; mask [B, S]
+        ring = c.replace(k=tuple(put(a, b, 2) for a, b in zip(c.k, out.cache.k)),
+                         v=tuple(put(a, b, 2) for a, b in zip(c.v, out.cache.v)),
+                         mask=put(c.mask, out.cache.mask, 1))
         n = jnp.sum(mask, axis=1).astype(jnp.int32)
 
         def set_(a, x):

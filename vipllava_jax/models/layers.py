@@ -135,29 +135,34 @@ def _use_cudnn(q: Array, t: int) -> bool:
     )
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, impl: str = "auto") -> Array:
+def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, impl: str = "auto", *,
+              kv_heads_first: bool = False) -> Array:
     """Scaled dot-product attention with grouped kv heads.
 
-    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool [B, T, S] (True = attend) or None.
+    q: [B, T, N, H]; k, v: [B, S, K, H], or [B, K, S, H] with ``kv_heads_first`` (the KV cache's layout);
+    mask: bool [B, T, S] (True = attend) or None.
     Returns [B, T, N, H]. ``impl``: "auto" (cuDNN on GPU for bf16/fp16 prefill,
     the einsum path otherwise), "cudnn", "xla" (the einsum path below) or "jax"
     (``jax.nn.dot_product_attention`` choosing its own implementation; it takes
     the same arguments as the cuDNN call, so CPU tests check that call's layout).
     """
     b, t, n, h = q.shape
-    kh = k.shape[2]
+    kh = k.shape[1 if kv_heads_first else 2]
     check_attn_impl(impl)
     if impl in ("cudnn", "jax") or (impl == "auto" and _use_cudnn(q, t)):
+        if kv_heads_first:  # the fused kernel takes [B, S, K, H]; a prefill pays this copy once
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         m = None if mask is None else mask[:, None, :, :]  # [B, 1, T, S], broadcast over heads
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
                                             implementation=None if impl == "jax" else "cudnn")
     g = n // kh
     qg = q.reshape(b, t, kh, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    kv = "bksh" if kv_heads_first else "bskh"
+    logits = jnp.einsum(f"btkgh,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         # A large finite value, not -inf: a fully masked row (a left-pad query)
         # then gives a uniform row instead of NaN, as HF does.
         logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgh", probs, v)
     return out.reshape(b, t, n, h)

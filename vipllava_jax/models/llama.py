@@ -72,7 +72,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 @struct.dataclass
 class KVCache:
-    """k, v: one [B, S, K, H] array per layer (a tuple), or stacked [L, B, S, K, H] when layers are scanned.
+    """k, v: one [B, K, S, H] array per layer (a tuple), or stacked [L, B, K, S, H] when layers are scanned.
     mask [B, S]: the slot holds a real token. index: int32 scalar, the next slot to write, shared by all rows.
 
     ring (static, default False): a ring buffer for one token per row per call (T = 1), as the serving engine
@@ -90,7 +90,10 @@ class KVCache:
     def init(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
              scan_layers: bool = False) -> "KVCache":
         """Zeros for ``batch`` rows of ``max_len`` slots; stacked when the layers are (``Runtime.scan_layers``)."""
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        # [B, K, S, H]: kv heads before slots, so decode attention is a matmul batched over (B, K) reading the
+        # cache in place. With [B, S, K, H] XLA wrote a transposed copy of every layer's whole cache per decode
+        # step (on CPU 70% of the demo model's step at 16 rows; bench/README.md).
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         if scan_layers:
             k = jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
             v = jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
@@ -109,6 +112,12 @@ class DecoderOutput:
     last_hidden_state: Array  # [B, T, D] after the final norm
     cache: KVCache | None = None
     hidden_states: Array | None = None  # [L+1, B, T, D]: embeddings, then each layer (HF's convention)
+
+
+# Logical axes of a KVCache's k / v arrays ([B, K, S, H]) and mask ([B, S]); the rules table (parallel.rules)
+# maps them to the mesh.
+CACHE_KV_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+CACHE_MASK_AXES = ("cache_batch", "cache_length")
 
 
 class LlamaAttention(nn.Module):
@@ -132,13 +141,15 @@ class LlamaAttention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
         if layer_cache is not None:
             ck, cv = layer_cache
-            # One scalar write position for the whole batch keeps this an in-place update.
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            ck = nn.with_logical_constraint(ck, ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"))
-            cv = nn.with_logical_constraint(cv, ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"))
+            # One scalar write position for the whole batch keeps this an in-place update. The new [B, T, K, H]
+            # rows are turned to the cache's [B, K, T, H] (small); the cache itself is read as it lies.
+            ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), (0, 0, index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), (0, 0, index, 0))
+            ck = nn.with_logical_constraint(ck, CACHE_KV_AXES)
+            cv = nn.with_logical_constraint(cv, CACHE_KV_AXES)
             k, v, layer_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
-        o = attention(q, k, v, mask, h**-0.5, self.runtime.attn_impl).reshape(b, t, n * h)
+        o = attention(q, k, v, mask, h**-0.5, self.runtime.attn_impl, kv_heads_first=layer_cache is not None)
+        o = o.reshape(b, t, n * h)
         o = lin(d, ("heads", "embed"), name="o_proj")(o)
         return o, layer_cache
 
@@ -166,7 +177,7 @@ class LlamaDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, index):
-        """x [B, T, D]; layer_cache (k, v) [B, S, K, H] or None. Returns (x, (x, layer_cache))."""
+        """x [B, T, D]; layer_cache (k, v) [B, K, S, H] or None. Returns (x, (x, layer_cache))."""
         c = self.config
         a, layer_cache = LlamaAttention(c, self.runtime, self.dtype, self.quant, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, layer_cache, index)

@@ -62,8 +62,6 @@ IO_AXES: dict[str, tuple] = {
     "logits": ("batch", "length", "act_vocab"),
     "tokens": ("batch", "length"),
 }
-CACHE_KV_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")
-CACHE_MASK_AXES = ("cache_batch", "cache_length")
 
 Rules = Sequence[tuple[str, Any]]
 

@@ -13,10 +13,10 @@ import flax.linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..models.llama import KVCache
+from ..models.llama import CACHE_KV_AXES, CACHE_MASK_AXES, KVCache
 from ..models.params import abstract_param_tree, flat_paths
 from .mesh import AnyMesh, batch_divisor, check_mesh_fits, mesh_sizes
-from .rules import CACHE_KV_AXES, CACHE_MASK_AXES, IO_AXES, LOGICAL_AXIS_RULES, Rules, rule_axes
+from .rules import IO_AXES, LOGICAL_AXIS_RULES, Rules, rule_axes
 
 
 # --- logical names -> shardings ---------------------------------------------------------------------------------
