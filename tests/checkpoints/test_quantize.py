@@ -15,7 +15,7 @@ from vipllava_jax import load_pretrained
 from vipllava_jax.checkpoints import CheckpointError
 from vipllava_jax.cli import main
 from vipllava_jax.models.params import flat_paths
-from vipllava_jax.models.quantize import LM_LINEARS, dequantize_kernel, leaf_bytes
+from vipllava_jax.models.quantize import INT4_CLIP_GRID, LM_LINEARS, dequantize_kernel, leaf_bytes
 
 IDS = np.random.default_rng(0).integers(0, 99, (2, 16)).astype(np.int32)
 
@@ -26,7 +26,7 @@ def _float_kernels(tiny_model):
 
 
 @pytest.mark.parametrize("mode,tile", [("int8", 128), ("int4", 16)])
-def test_every_lm_kernel_is_quantized_within_half_a_step(tiny_hf, tiny_model, mode, tile):
+def test_every_lm_kernel_is_quantized_to_nearest(tiny_hf, tiny_model, mode, tile):
     module, params = load_pretrained(tiny_hf, quantize=mode, quantize_tile_size=tile, progress=False)
     flat = flat_paths(params)
     floats = _float_kernels(tiny_model)
@@ -37,12 +37,36 @@ def test_every_lm_kernel_is_quantized_within_half_a_step(tiny_hf, tiny_model, mo
         assert q.dtype == {"int8": jnp.int8, "int4": jnp.int4}[mode] and q.shape == w.shape
         assert s.shape == ((1,) if mode == "int8" else (w.shape[0] // tile,)) + (w.shape[1],)
         # absmax: the largest |w| of each channel (tile) maps to qmax + 1/2 (qwix widens the bound by half a step
-        # so the top code's bucket is whole), rounding is to nearest, the top clipped to qmax
+        # so the top code's bucket is whole), rounding is to nearest, the top clipped to qmax. int4 searches each
+        # tile's clipping: its bound is absmax times the INT4_CLIP_GRID fraction with the least squared error.
         qmax = {"int8": 127.5, "int4": 7.5}[mode]
         rows = w.reshape(s.shape[0], -1, w.shape[1])
-        np.testing.assert_allclose(np.asarray(s), np.abs(rows).max(1) / qmax, rtol=1e-6)
-        err = np.abs(np.asarray(dequantize_kernel({"qvalue": q, "scale": s}, module.config.quantization)) - w)
-        assert (err.reshape(rows.shape) <= np.asarray(s)[:, None, :] / 2 + 1e-7).all(), p
+        absmax = np.abs(rows).max(1)
+        sc = np.asarray(s, np.float64)
+        if mode == "int8":
+            np.testing.assert_allclose(sc, absmax / qmax, rtol=1e-6)
+        else:
+            grid = np.asarray(INT4_CLIP_GRID)
+            frac = sc * qmax / absmax
+            assert (np.abs(frac[..., None] - grid).min(-1) < 1e-6).all(), p
+            sse = []
+            for c in grid:
+                step = absmax * c / qmax
+                codes = np.clip(np.round(rows / step[:, None]), -8, 7)
+                sse.append(((codes * step[:, None] - rows) ** 2).sum(1))
+            codes = np.clip(np.round(rows / sc[:, None]), -8, 7)
+            chosen = ((codes * sc[:, None] - rows) ** 2).sum(1)
+            assert (chosen <= np.min(sse, 0) * (1 + 1e-4) + 1e-12).all(), p
+        lo, hi = {"int8": (-128, 127), "int4": (-8, 7)}[mode]
+        x = rows / sc[:, None]
+        want = np.clip(np.round(x), lo, hi)
+        got = np.asarray(q, np.int32).reshape(rows.shape)
+        tie = np.abs(np.abs(x - np.floor(x)) - 0.5) < 1e-4  # fp32 vs float64 may round a near-tie either way
+        assert ((got == want) | tie).all(), p
+        deq = np.asarray(dequantize_kernel({"qvalue": q, "scale": s}, module.config.quantization))
+        np.testing.assert_allclose(deq.reshape(rows.shape), got * sc[:, None], rtol=1e-6, atol=0)
+        if mode == "int8":  # nothing clipped: every weight within half a step
+            assert (np.abs(deq - w).reshape(rows.shape) <= sc[:, None] / 2 + 1e-7).all(), p
     # the rest stays float: embeddings, lm_head, the tower
     assert flat["lm_head/kernel"].dtype == jnp.float32
     assert flat["vision_tower/encoder/layers_0/mlp/fc1/kernel"].dtype == jnp.float32

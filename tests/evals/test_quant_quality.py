@@ -14,10 +14,11 @@ IDS = np.random.default_rng(1).integers(0, 99, (4, 100)).astype(np.int32)  # 400
 
 
 def test_tiny_random_checkpoint_top1_agreement(tiny_hf, tiny_model):
-    """Measured on the tiny checkpoint (seeds 0 / 1 / 2 of make_tiny_checkpoint): int8 99.5% / 99.75% / 99.75%;
-    int4 with 8-row tiles (its layers are 32 and 64 wide) 94.25% / 95.25% / 91.75%. A random model's top-1 gap is
-    small (median 0.27 standard deviations of its logits), and int4 moves each weight by up to half a step of
-    absmax / 7.5: the issue's 95% bar for int4 is met on one seed of three."""
+    """Measured on the tiny checkpoint (make_tiny_checkpoint, seeds 0 / 1 / 2 / 3 / 4; the fixture is seed 0):
+    int8 99.5% / 99.75% / 99.75% / 99.5% / 100%; int4 with 8-row tiles (its layers are 32 and 64 wide) and the
+    searched clipping 95.75% / 95% / 93% / 95% / 93% (plain absmax: 94.25% / 95.25% / 91.75% / 94.25% / 90.25%).
+    A random model's top-1 gap is small (median 0.27 standard deviations of its logits): the issue's 95% bar for
+    int4 is met on three seeds of five, the fixture's among them."""
     m0, p0 = tiny_model
     ref = np.asarray(m0.apply({"params": p0}, IDS).logits).argmax(-1)
     agree = {}
@@ -25,7 +26,7 @@ def test_tiny_random_checkpoint_top1_agreement(tiny_hf, tiny_model):
         m, p = load_pretrained(tiny_hf, quantize=mode, quantize_tile_size=tile, progress=False)
         agree[mode] = float((np.asarray(m.apply({"params": p}, IDS).logits).argmax(-1) == ref).mean())
     assert agree["int8"] >= 0.99, agree
-    assert agree["int4"] >= 0.93, agree
+    assert agree["int4"] >= 0.95, agree
 
 
 @pytest.mark.slow

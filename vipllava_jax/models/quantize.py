@@ -179,15 +179,48 @@ def check_tiles(config) -> None:
 
 
 # --- quantizing -------------------------------------------------------------------------------------------------
+# int4 clipping: each tile's range is the fraction of its absmax, from this grid, with the least squared error
+# (round to nearest at every candidate). On the tiny random checkpoints (seeds 0-4, 8-row tiles) it raised
+# next-token top-1 agreement with fp32 from 93.2% to 94.4% on average; int8's error is already far below its
+# bar, so int8 keeps plain absmax.
+INT4_CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
 @functools.partial(jax.jit, static_argnames=("quant", "dtype"))
 def _quantize(w, quant: QuantConfig, dtype):
-    q = qarray.quantize(w, quant.how(w.ndim))
+    how = quant.how(w.ndim)
+    if quant.mode != "int4":
+        q = qarray.quantize(w, how)
+        return {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
+    absmax = qarray.calibrate(w, how)["absmax"]  # the scale's shape: one per tile per output channel
+    tiles = w.reshape(w.shape[:-2] + (absmax.shape[-2], -1, w.shape[-1]))  # [.., in/tile, tile, out]
+    lo, hi = float(jnp.iinfo(how.qtype).min), float(jnp.iinfo(how.qtype).max)
+    bound = hi + 0.5  # qwix's symmetric bound: absmax maps to qmax + 1/2
+
+    def rtn(a):
+        scale, zero = qarray.compute_scale_zero_point({"absmax": a}, how.qtype)
+        return qarray.quantize_with_scale_zero_point(w, how.qtype, scale, zero, how.noise_fn)
+
+    def err(a):  # each tile's squared error at bound `a`, in one fusion (no full-size temporaries)
+        step = (a / bound)[..., None, :]
+        return jnp.sum(jnp.square(jnp.clip(jnp.round(tiles / step), lo, hi) * step - tiles), axis=-2)
+
+    def better(i, carry):  # a loop, not unrolled: one candidate at a time (peak memory)
+        best, best_err = carry
+        a = absmax * grid[i]
+        e = err(a)
+        return jnp.where(e < best_err, a, best), jnp.minimum(e, best_err)
+
+    grid = jnp.asarray(INT4_CLIP_GRID, jnp.float32)
+    best, _ = jax.lax.fori_loop(1, len(INT4_CLIP_GRID), better, (absmax, err(absmax)))
+    q = rtn(best)
     return {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
 
 
 def quantize_kernel(w, quant: QuantConfig, dtype=None) -> dict[str, Array]:
     """A float kernel [.., in, out] (numpy or jax) -> ``{"qvalue", "scale"}`` (scales in ``dtype``, default the
-    kernel's). Absmax calibration in fp32, round to nearest (qwix's ``qarray.quantize``)."""
+    kernel's). In fp32, round to nearest with qwix's ``qarray`` pieces: int8 with absmax calibration, int4 with
+    each tile's clipping range searched for the least squared error (`INT4_CLIP_GRID`)."""
     dtype = jnp.dtype(dtype or w.dtype)
     return _quantize(jnp.asarray(w, jnp.float32), quant, dtype)
 
