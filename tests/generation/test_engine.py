@@ -324,3 +324,26 @@ def test_engine_on_a_mesh_equals_generate(tiny_model, tiny_processor):
         assert eng._state.cache.k[0].sharding.mesh.shape == {"data": 1, "fsdp": 1, "tensor": 1}
     finally:
         eng.stop(5)
+
+
+def test_decode_chunk_reads_the_cache_in_place(engine):
+    """The compiled decode chunk (all slots) writes each layer's KV cache in place and makes no other buffer of
+    its size: no transposed copy for the attention matmuls (the [B, S, K, H] layout made XLA write one per layer
+    per step), no second copy of it."""
+    import math
+    import re
+    state = engine._state
+    rows = engine.max_batch
+    text = engine._decode[rows].lower(engine.params, state, np.ones((rows,), bool)).compile().as_text()
+    k = state.cache.k[0]
+    size = math.prod(k.shape)
+    big = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([0-9,]+)\]\{[^}]*\} (\S+)\(", line)
+        if m and math.prod(int(x) for x in m.group(2).split(",")) == size \
+                and m.group(3) not in ("parameter", "get-tuple-element", "bitcast", "tuple"):
+            big.append((m.group(1), m.group(2), m.group(3)))
+    assert big, "the parser found no cache-sized instruction (the HLO text format changed?)"
+    updates = [b for b in big if b[2] == "dynamic-update-slice" or (b[2] == "fusion" and "dynamic-update-slice" in b[0])]
+    # k and v of each layer (XLA may peel or unroll the chunk's loop, so a multiple of that), nothing else
+    assert updates == big and len(big) % (2 * len(state.cache.k)) == 0, "\n".join(map(str, big))
