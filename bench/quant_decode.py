@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from vipllava_jax.models import KVCache, VipLlavaForConditionalGeneration  # noqa: E402
 from vipllava_jax.models.params import abstract_param_tree, flat_paths, unflatten_paths  # noqa: E402
 from vipllava_jax.models.presets import PRESETS  # noqa: E402
-from vipllava_jax.models.quantize import QuantConfig  # noqa: E402
+from vipllava_jax.models.quantize import QuantConfig, keeps_int_dtype  # noqa: E402
 
 BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "bf16": 16, "f16": 16, "s16": 16, "u16": 16, "f32": 32,
         "s32": 32, "u32": 32, "f64": 64, "s64": 64, "u64": 64}
@@ -64,7 +64,7 @@ def abstract_args(cfg, batch: int, cache_len: int, dtype=jnp.bfloat16):
     flat = {}
     for p, v in flat_paths(abstract_param_tree(cfg)).items():
         v = v.value
-        flat[p] = jax.ShapeDtypeStruct(v.shape, v.dtype if p.endswith("/kernel/qvalue") else dtype)
+        flat[p] = jax.ShapeDtypeStruct(v.shape, v.dtype if keeps_int_dtype(p) else dtype)
     cache = jax.eval_shape(lambda: KVCache.init(cfg.text, batch, cache_len, dtype))
     ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     return unflatten_paths(flat), ids, ids, cache

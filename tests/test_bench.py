@@ -65,7 +65,7 @@ QUANT_DECODE = BENCH.with_name("quant_decode.py")
 
 def test_quant_decode_weight_bytes_from_the_compiled_step():
     """bench/quant_decode.py at small size (hidden 256, 2 layers): the weight bytes read from the compiled decode
-    step are the parameter tree's (int4 packed, bf16 scales, one embedding row), int8 <= 0.55x and int4 <= 0.30x of
+    step are the parameter tree's (int4 packed, bf16 scales, int4 zero points, one embedding row), int8 <= 0.55x and int4 <= 0.30x of
     bf16's, and the quantized step writes no full-size float weight copy beyond what the backend writes for bf16
     weights too (XLA:CPU converts every weight to fp32 for its dot; on GPU/TPU: none)."""
     import jax
@@ -82,7 +82,8 @@ def test_quant_decode_weight_bytes_from_the_compiled_step():
     codes = {"bf16": 2 * elems, "int8": elems, "int4": elems // 2}
     for mode, r in res.items():
         norms = 2 * h * 2  # input / post-attention RMSNorm scales, bf16
-        assert r["layer_weight_bytes"] == 2 * (codes[mode] + 2 * scales[mode] + norms), mode
+        zero_points = scales[mode] // 2 if mode == "int4" else 0  # int4, one per scale
+        assert r["layer_weight_bytes"] == 2 * (codes[mode] + 2 * scales[mode] + zero_points + norms), mode
         assert r["kernels_quantized"] == (0 if mode == "bf16" else 14)
     assert res["int8"]["ratio_vs_bf16"] <= 0.55 and res["int4"]["ratio_vs_bf16"] <= 0.30
     base = res["bf16"]["dequant_copies"]

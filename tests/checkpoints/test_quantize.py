@@ -36,35 +36,44 @@ def test_every_lm_kernel_is_quantized_to_nearest(tiny_hf, tiny_model, mode, tile
         q, s = flat[p + "/qvalue"], flat[p + "/scale"]
         assert q.dtype == {"int8": jnp.int8, "int4": jnp.int4}[mode] and q.shape == w.shape
         assert s.shape == ((1,) if mode == "int8" else (w.shape[0] // tile,)) + (w.shape[1],)
-        # absmax: the largest |w| of each channel (tile) maps to qmax + 1/2 (qwix widens the bound by half a step
-        # so the top code's bucket is whole), rounding is to nearest, the top clipped to qmax. int4 searches each
-        # tile's clipping: its bound is absmax times the INT4_CLIP_GRID fraction with the least squared error.
-        qmax = {"int8": 127.5, "int4": 7.5}[mode]
         rows = w.reshape(s.shape[0], -1, w.shape[1])
-        absmax = np.abs(rows).max(1)
         sc = np.asarray(s, np.float64)
-        if mode == "int8":
-            np.testing.assert_allclose(sc, absmax / qmax, rtol=1e-6)
-        else:
-            grid = np.asarray(INT4_CLIP_GRID)
-            frac = sc * qmax / absmax
-            assert (np.abs(frac[..., None] - grid).min(-1) < 1e-6).all(), p
-            sse = []
-            for c in grid:
-                step = absmax * c / qmax
-                codes = np.clip(np.round(rows / step[:, None]), -8, 7)
-                sse.append(((codes * step[:, None] - rows) ** 2).sum(1))
-            codes = np.clip(np.round(rows / sc[:, None]), -8, 7)
-            chosen = ((codes * sc[:, None] - rows) ** 2).sum(1)
-            assert (chosen <= np.min(sse, 0) * (1 + 1e-4) + 1e-12).all(), p
         lo, hi = {"int8": (-128, 127), "int4": (-8, 7)}[mode]
-        x = rows / sc[:, None]
+        if mode == "int8":
+            # symmetric absmax: the largest |w| of each channel maps to 127 + 1/2 (qwix widens the bound by half a
+            # step so the top code's bucket is whole)
+            assert p + "/zero_point" not in flat
+            zp = np.zeros_like(sc)
+            np.testing.assert_allclose(sc, np.abs(rows).max(1) / 127.5, rtol=1e-6)
+        else:
+            # asymmetric: each tile's range [min(w, 0), max(w, 0)], scaled by the INT4_CLIP_GRID fraction with the
+            # least squared error, spans the 16 codes; the zero point is the code of 0
+            z = flat[p + "/zero_point"]
+            assert z.dtype == jnp.int4 and z.shape == s.shape
+            zp = np.asarray(z, np.float64)
+            tlo, thi = np.minimum(rows.min(1), 0), np.maximum(rows.max(1), 0)
+            grid = np.asarray(INT4_CLIP_GRID)
+            frac = sc * 15 / (thi - tlo)
+            assert (np.abs(frac[..., None] - grid).min(-1) < 1e-5).all(), p
+
+            def sse(step, zero):
+                codes = np.clip(np.round(rows / step[:, None] + zero[:, None]), lo, hi)
+                return (((codes - zero[:, None]) * step[:, None] - rows) ** 2).sum(1)
+
+            cands = []
+            for c in grid:
+                step = (thi - tlo) * c / 15
+                cands.append(sse(step, np.clip(np.round(lo - tlo * c / step), lo, hi)))
+            assert (sse(sc, zp) <= np.min(cands, 0) * (1 + 1e-4) + 1e-12).all(), p
+        # every code is the nearest, clipped to the code range
+        x = rows / sc[:, None] + zp[:, None]
         want = np.clip(np.round(x), lo, hi)
         got = np.asarray(q, np.int32).reshape(rows.shape)
         tie = np.abs(np.abs(x - np.floor(x)) - 0.5) < 1e-4  # fp32 vs float64 may round a near-tie either way
         assert ((got == want) | tie).all(), p
-        deq = np.asarray(dequantize_kernel({"qvalue": q, "scale": s}, module.config.quantization))
-        np.testing.assert_allclose(deq.reshape(rows.shape), got * sc[:, None], rtol=1e-6, atol=0)
+        leaves = {k: flat[f"{p}/{k}"] for k in module.config.quantization.leaves}
+        deq = np.asarray(dequantize_kernel(leaves, module.config.quantization))
+        np.testing.assert_allclose(deq.reshape(rows.shape), (got - zp[:, None]) * sc[:, None], rtol=1e-6, atol=1e-9)
         if mode == "int8":  # nothing clipped: every weight within half a step
             assert (np.abs(deq - w).reshape(rows.shape) <= sc[:, None] / 2 + 1e-7).all(), p
     # the rest stays float: embeddings, lm_head, the tower
@@ -102,7 +111,7 @@ def test_convert_quantize_round_trip(tiny_hf, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "qwix", "weight_qtype": "int4", "tile_size": 16,
                                           "quantize_vision_tower": False, "quantize_projector": False,
-                                          "quantize_lm_head": False}
+                                          "quantize_lm_head": False, "asymmetric": True}
     direct_m, direct = load_pretrained(src, quantize="int4", quantize_tile_size=16, progress=False)
     shutil.rmtree(src)  # restored without the original weights
     m, p = load_pretrained(out)
@@ -121,7 +130,8 @@ def test_convert_quantize_round_trip(tiny_hf, tmp_path):
     mb, pb = load_pretrained(hf, progress=False)
     k = "language_model/layers_1/mlp/down_proj/kernel"
     np.testing.assert_array_equal(np.asarray(flat_paths(pb)[k]),
-                                  np.asarray(dequantize_kernel({"qvalue": b[k + "/qvalue"], "scale": b[k + "/scale"]},
+                                  np.asarray(dequantize_kernel({leaf: b[f"{k}/{leaf}"] for leaf in ("qvalue", "scale",
+                                                                                                   "zero_point")},
                                                                m.config.quantization)))
 
 
@@ -173,3 +183,22 @@ def test_quantized_load_peak_memory(tmp_path, run_python, mode):
           f"{growth / 1e6:.0f} MB")
     assert growth < m["param_bytes"] + 2 * largest + 80e6
     assert growth < 0.55 * size
+
+
+def test_symmetric_int4_directories_still_restore(tiny_hf, tmp_path):
+    """A quantized directory written before zero points (no "asymmetric" in its quantization_config, kernels
+    {qvalue, scale}) restores as symmetric int4, equal to a symmetric load of the float checkpoint."""
+    from vipllava_jax.checkpoints import save_orbax
+    from vipllava_jax.models.quantize import QuantConfig
+    sym = QuantConfig("int4", 16, asymmetric=False)
+    m, p = load_pretrained(tiny_hf, quantize=sym, progress=False)
+    assert not any(k.endswith("zero_point") for k in flat_paths(p))
+    out = save_orbax(p, m.config, tmp_path / "old")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["quantization_config"]["asymmetric"]  # as the older writer left it
+    (out / "config.json").write_text(json.dumps(cfg))
+    m2, p2 = load_pretrained(out)
+    assert m2.config.quantization == sym and QuantConfig.from_hf(cfg["quantization_config"]).asymmetric is False
+    np.testing.assert_array_equal(np.asarray(m2.apply({"params": p2}, IDS).logits),
+                                  np.asarray(m.apply({"params": p}, IDS).logits))
+    assert QuantConfig("int4").asymmetric and not QuantConfig("int8").asymmetric  # the defaults

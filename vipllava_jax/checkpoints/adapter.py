@@ -259,8 +259,7 @@ def merge_lora(params, lora: dict, scale: float, quant=None):
         if base + "/kernel/qvalue" in flat:
             if quant is None:
                 raise ValueError(f"{base}/kernel is quantized: merge_lora needs its QuantConfig (quant=)")
-            w = dequantize_kernel({"qvalue": flat.pop(base + "/kernel/qvalue"),
-                                   "scale": flat.pop(base + "/kernel/scale")}, quant)
+            w = dequantize_kernel({leaf: flat.pop(f"{base}/kernel/{leaf}") for leaf in quant.leaves}, quant)
         else:
             w = flat[base + "/kernel"]
         merged = (w.astype(jnp.float32) + delta).astype(w.dtype)
@@ -288,7 +287,7 @@ def apply_adapter(params, adapter: PeftAdapter, quant=None):
 def requantize(merged, like, quant):
     """``merged`` (from `merge_lora` / `apply_adapter` on the quantized tree ``like``) with each kernel that was
     quantized in ``like`` and came back float quantized again (``quant``), its scales in their old dtype and
-    both leaves on their old shardings: the tree keeps ``like``'s layout."""
+    every leaf on its old sharding: the tree keeps ``like``'s layout."""
     if quant is None:
         return merged
     old, flat = flat_paths(like), dict(flat_paths(merged))
@@ -297,7 +296,7 @@ def requantize(merged, like, quant):
         if k not in flat:
             continue
         q = quantize_kernel(flat.pop(k), quant, old[k + "/scale"].dtype)
-        for leaf in ("qvalue", "scale"):
+        for leaf in quant.leaves:
             ref = old[f"{k}/{leaf}"]
             flat[f"{k}/{leaf}"] = jax.device_put(q[leaf], ref.sharding) if isinstance(ref, jax.Array) else q[leaf]
     return unflatten_paths(flat)

@@ -107,7 +107,7 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
     each tensor straight onto its shards (each process reads only the slices its devices hold).
 
     ``config.quantization`` (`models.quantize.QuantConfig`): each kernel it names is quantized as it is read
-    (``kernel`` becomes ``kernel/qvalue`` + ``kernel/scale``, scales in ``dtype``), so the host never holds more
+    (``kernel`` becomes ``kernel/qvalue`` + ``kernel/scale`` [+ ``kernel/zero_point``], scales in ``dtype``), so the host never holds more
     than the quantized tree plus one float tensor (and, with scanned layers, the quantized layers of the one
     stacked kernel being filled)."""
     quant = config.quantization
@@ -167,7 +167,7 @@ def load_hf_params(model_dir: str | os.PathLike, config: VipLlavaConfig, *, dtyp
             done[tgt.layer] = _quantized(arr, quant, dtype)
             if len(done) == targets[tgt.path][0]:
                 place_quantized(tgt.path, {leaf: jnp.stack([done[i][leaf] for i in range(len(done))])
-                                           for leaf in ("qvalue", "scale")})
+                                           for leaf in quant.leaves})
                 del qstacks[tgt.path]
         elif shardings is not None and shardings.get(tgt.path) is not None:
             # Sharded and scanned: keep each layer's lazy view and stack only the slices this process's
@@ -200,7 +200,7 @@ def to_hf_state_dict(params: dict, config: VipLlavaConfig) -> Iterable[tuple[str
     flat = flat_paths(params)
     for path in [p for p in flat if p.endswith("/kernel/qvalue")]:
         k = path.rsplit("/", 1)[0]
-        flat[k] = dequantize_kernel({"qvalue": flat.pop(path), "scale": flat.pop(k + "/scale")},
+        flat[k] = dequantize_kernel({leaf: flat.pop(f"{k}/{leaf}") for leaf in config.quantization.leaves},
                                     config.quantization)
     for path, value in flat.items():
         value = value.value if isinstance(value, nn.Partitioned) else value

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from ..models.config import VipLlavaConfig
 from ..models.params import abstract_param_tree, flat_paths, is_scanned, relayout, unflatten_paths
-from ..models.quantize import is_quantized_kernel, quantize_kernel
+from ..models.quantize import is_quantized_kernel, keeps_int_dtype, quantize_kernel
 from ..parallel.mesh import check_mesh
 from ..parallel.shardings import param_shardings
 from .atomic import atomic_output_dir, held_stderr, is_disk_full
@@ -257,7 +257,7 @@ def _restore_orbax(path: Path, config: VipLlavaConfig, *, dtype=None, mesh=None,
         if p not in saved_dtypes:
             raise CheckpointError(f"{path}: orbax checkpoint has no parameter {p}")
         sh = shard.get(p) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        keep = p.endswith("/kernel/qvalue")  # quantized values stay int8/int4; their scales take dtype
+        keep = keeps_int_dtype(p)  # quantized values and zero points stay int8/int4; their scales take dtype
         abstract[p] = jax.ShapeDtypeStruct(v.shape, saved_dtypes[p] if keep else dtype or saved_dtypes[p],
                                            sharding=sh)
     extra = set(saved_dtypes) - set(abstract)

@@ -6,8 +6,9 @@ path that rebuilds the module or its parameter tree from the config (generation'
 rules, the planner, orbax restore) sees the same quantized tree.
 
 * int8: one scale per output channel (qwix ``channelwise_axes`` on the kernel's output axis).
-* int4: one scale per tile of ``tile_size`` input rows per output channel (qwix sub-channel ``tiled_axes`` on the
-  contracting axis), as qwix's PTQ rule with ``tile_size`` lays it out for a Dense.
+* int4: one scale and one zero point per tile of ``tile_size`` input rows per output channel (qwix sub-channel
+  ``tiled_axes`` on the contracting axis, as qwix's PTQ rule with ``tile_size`` lays it out for a Dense; minmax
+  calibration, so the 16 codes span each tile's own range), the range's clipping searched per tile.
 * Weight-only: activations stay in the compute dtype; `QuantDense` dequantizes the weight and multiplies in the
   compute dtype through ``qwix.dot_general`` (its input-dequantizing path, which XLA can fuse into the matmul).
 
@@ -15,7 +16,8 @@ The language model's q/k/v/o/gate/up/down kernels are quantized; the vision towe
 only when asked (``vision_tower=``, ``projector=``, ``lm_head=``); embeddings, norms, biases and the patch conv
 stay in the compute dtype.
 
-A quantized kernel is the dict ``{"qvalue": [in, out] int8/int4, "scale": [1 or in/tile, out]}`` in place of
+A quantized kernel is the dict ``{"qvalue": [in, out] int8/int4, "scale": [1 or in/tile, out]}`` (and
+``"zero_point"``, the scale's shape in the qtype, when asymmetric: int4 by default) in place of
 ``kernel`` (a leading L axis on both when layers are scanned). Its logical axes are the kernel's; a scale axis of
 size 1 is replicated.
 
@@ -58,10 +60,13 @@ class QuantConfig:
     vision_tower: bool = False
     projector: bool = False
     lm_head: bool = False
+    asymmetric: bool | None = None  # a zero point per scale (qwix minmax calibration); None: int4 yes, int8 no
 
     def __post_init__(self):
         if self.mode not in QTYPES:
             raise ValueError(f"quantize={self.mode!r}: choose one of {', '.join(QUANT_MODES)} (or None)")
+        if self.asymmetric is None:
+            object.__setattr__(self, "asymmetric", self.mode == "int4")
         if not isinstance(self.tile_size, int) or isinstance(self.tile_size, bool) or self.tile_size < 1:
             raise ValueError(f"quantize tile_size must be a positive integer, got {self.tile_size!r}")
 
@@ -81,10 +86,14 @@ class QuantConfig:
         """qwix's HowToQuantize for a kernel [.., in, out]: every axis but ``in`` channelwise (leading layer axes
         too, so each layer of a stacked kernel keeps its own scales), ``in`` tiled for int4."""
         lead = tuple(range(ndim - 2))
-        if self.tiled:
-            return qarray.HowToQuantize(qtype=self.qtype, channelwise_axes=lead + (ndim - 1,),
-                                        tiled_axes={ndim - 2: self.tile_size})
-        return qarray.HowToQuantize(qtype=self.qtype, channelwise_axes=lead + (ndim - 1,))
+        tiled = {ndim - 2: self.tile_size} if self.tiled else {}
+        return qarray.HowToQuantize(qtype=self.qtype, channelwise_axes=lead + (ndim - 1,), tiled_axes=tiled,
+                                    calibration_method="minmax" if self.asymmetric else "absmax")
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The leaves of a quantized kernel: ``qvalue`` and ``scale``, and ``zero_point`` when asymmetric."""
+        return ("qvalue", "scale", "zero_point") if self.asymmetric else ("qvalue", "scale")
 
     def scale_shape(self, shape) -> tuple[int, ...]:
         shape = tuple(shape)
@@ -100,7 +109,7 @@ class QuantConfig:
         return {"quant_method": QUANT_METHOD, "weight_qtype": self.mode,
                 "tile_size": self.tile_size if self.tiled else None,
                 "quantize_vision_tower": self.vision_tower, "quantize_projector": self.projector,
-                "quantize_lm_head": self.lm_head}
+                "quantize_lm_head": self.lm_head, "asymmetric": self.asymmetric}
 
     @classmethod
     def from_hf(cls, d) -> "QuantConfig":
@@ -111,7 +120,9 @@ class QuantConfig:
             raise ValueError(f"quantization_config quant_method {method!r} is not supported (only {QUANT_METHOD!r}, "
                              f"written by vipllava-jax convert --quantize): load the unquantized checkpoint with "
                              f"quantize='int8' or 'int4' instead")
-        kw = dict(mode=d.get("weight_qtype"), vision_tower=bool(d.get("quantize_vision_tower", False)),
+        # a directory written before zero points has no "asymmetric": its kernels are symmetric
+        kw = dict(mode=d.get("weight_qtype"), asymmetric=bool(d.get("asymmetric", False)),
+                  vision_tower=bool(d.get("quantize_vision_tower", False)),
                   projector=bool(d.get("quantize_projector", False)), lm_head=bool(d.get("quantize_lm_head", False)))
         if d.get("tile_size") is not None:
             kw["tile_size"] = d["tile_size"]
@@ -179,48 +190,59 @@ def check_tiles(config) -> None:
 
 
 # --- quantizing -------------------------------------------------------------------------------------------------
-# int4 clipping: each tile's range is the fraction of its absmax, from this grid, with the least squared error
-# (round to nearest at every candidate). On the tiny random checkpoints (seeds 0-4, 8-row tiles) it raised
-# next-token top-1 agreement with fp32 from 93.2% to 94.4% on average; int8's error is already far below its
-# bar, so int8 keeps plain absmax.
+# int4 clipping: each tile's range is a fraction of its calibrated range (absmax, or min and max when asymmetric),
+# from this grid, the one with the least squared error (round to nearest at every candidate). int8's error is
+# far below its bar, so int8 keeps the calibrated range.
 INT4_CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 
 @functools.partial(jax.jit, static_argnames=("quant", "dtype"))
 def _quantize(w, quant: QuantConfig, dtype):
     how = quant.how(w.ndim)
+    cal = qarray.calibrate(w, how)  # {"absmax"} or {"min", "max"}, each the scale's shape
+    scale_shape = next(iter(cal.values())).shape
+
+    def scale_zero(f):  # the scale and zero point (None: symmetric) with the range scaled by f
+        return qarray.compute_scale_zero_point({k: v * f for k, v in cal.items()}, how.qtype)
+
     if quant.mode != "int4":
-        q = qarray.quantize(w, how)
-        return {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
-    absmax = qarray.calibrate(w, how)["absmax"]  # the scale's shape: one per tile per output channel
-    tiles = w.reshape(w.shape[:-2] + (absmax.shape[-2], -1, w.shape[-1]))  # [.., in/tile, tile, out]
-    lo, hi = float(jnp.iinfo(how.qtype).min), float(jnp.iinfo(how.qtype).max)
-    bound = hi + 0.5  # qwix's symmetric bound: absmax maps to qmax + 1/2
+        scale, zero = scale_zero(1.0)
+        q = qarray.quantize_with_scale_zero_point(w, how.qtype, scale, zero, how.noise_fn)
+        out = {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
+        return out if zero is None else {**out, "zero_point": zero}
 
-    def rtn(a):
-        scale, zero = qarray.compute_scale_zero_point({"absmax": a}, how.qtype)
-        return qarray.quantize_with_scale_zero_point(w, how.qtype, scale, zero, how.noise_fn)
+    tiles = w.reshape(w.shape[:-2] + (scale_shape[-2], -1, w.shape[-1]))  # [.., in/tile, tile, out]
+    lo, hi = (float(x) for x in (jnp.iinfo(how.qtype).min, jnp.iinfo(how.qtype).max))
 
-    def err(a):  # each tile's squared error at bound `a`, in one fusion (no full-size temporaries)
-        step = (a / bound)[..., None, :]
-        return jnp.sum(jnp.square(jnp.clip(jnp.round(tiles / step), lo, hi) * step - tiles), axis=-2)
+    def err(f):  # each tile's squared error at range factor f, in one fusion (no full-size temporaries)
+        scale, zero = scale_zero(f)
+        step = scale[..., None, :]
+        z = 0.0 if zero is None else zero.astype(jnp.float32)[..., None, :]
+        # codes - zero: the zero point (an integer) moved into the clip bounds, so that no full-size broadcast of
+        # it is kept (it rounds differently from the final codes only at exact ties, which do not matter here)
+        return jnp.sum(jnp.square(jnp.clip(jnp.round(tiles / step), lo - z, hi - z) * step - tiles), axis=-2)
 
     def better(i, carry):  # a loop, not unrolled: one candidate at a time (peak memory)
         best, best_err = carry
-        a = absmax * grid[i]
-        e = err(a)
-        return jnp.where(e < best_err, a, best), jnp.minimum(e, best_err)
+        e = err(grid[i])
+        return jnp.where(e < best_err, grid[i], best), jnp.minimum(e, best_err)
 
     grid = jnp.asarray(INT4_CLIP_GRID, jnp.float32)
-    best, _ = jax.lax.fori_loop(1, len(INT4_CLIP_GRID), better, (absmax, err(absmax)))
-    q = rtn(best)
-    return {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
+    f, _ = jax.lax.fori_loop(1, len(INT4_CLIP_GRID), better, (jnp.ones(scale_shape, jnp.float32), err(1.0)))
+    scale, zero = scale_zero(f)
+    z = 0.0 if zero is None else zero.astype(jnp.float32)[..., None, :]
+    # round to nearest and clip, as qwix's convert_to does (its quantize_with_scale_zero_point kept two full-size
+    # float temporaries here)
+    codes = jnp.clip(jnp.round(tiles / scale[..., None, :] + z), lo, hi).astype(how.qtype).reshape(w.shape)
+    out = {"qvalue": codes, "scale": scale.astype(dtype)}
+    return out if zero is None else {**out, "zero_point": zero}  # zero points in the qtype (qwix's convention)
 
 
 def quantize_kernel(w, quant: QuantConfig, dtype=None) -> dict[str, Array]:
     """A float kernel [.., in, out] (numpy or jax) -> ``{"qvalue", "scale"}`` (scales in ``dtype``, default the
-    kernel's). In fp32, round to nearest with qwix's ``qarray`` pieces: int8 with absmax calibration, int4 with
-    each tile's clipping range searched for the least squared error (`INT4_CLIP_GRID`)."""
+    kernel's; ``"zero_point"`` too when ``quant.asymmetric``). In fp32, round to nearest with qwix's ``qarray``
+    pieces: absmax calibration (minmax when asymmetric); int4 with each tile's clipping range searched for the
+    least squared error (`INT4_CLIP_GRID`)."""
     dtype = jnp.dtype(dtype or w.dtype)
     return _quantize(jnp.asarray(w, jnp.float32), quant, dtype)
 
@@ -228,11 +250,17 @@ def quantize_kernel(w, quant: QuantConfig, dtype=None) -> dict[str, Array]:
 def dequantize_kernel(k: dict, quant: QuantConfig, dtype=None) -> Array:
     """``{"qvalue", "scale"}`` -> the float kernel it stands for (in ``dtype``, default the scale's)."""
     scale = k["scale"] if dtype is None else k["scale"].astype(dtype)
-    return qwix.dequantize(qwix.QArray(k["qvalue"], scale, qtype=quant.qtype))
+    return qwix.dequantize(qwix.QArray(k["qvalue"], scale, k.get("zero_point"), qtype=quant.qtype))
+
+
+def keeps_int_dtype(path: str) -> bool:
+    """A quantized kernel's integer leaf (its values, its zero points): stored and loaded in its own int8/int4
+    dtype, never cast to the model's float dtype as its scales are."""
+    return path.endswith(("/kernel/qvalue", "/kernel/zero_point"))
 
 
 def is_quantized_leaf(path: str) -> bool:
-    return path.endswith("/kernel/qvalue") or path.endswith("/kernel/scale")
+    return path.endswith(("/kernel/qvalue", "/kernel/scale", "/kernel/zero_point"))
 
 
 def leaf_bytes(shape, dtype) -> int:
@@ -247,7 +275,7 @@ def leaf_bytes(shape, dtype) -> int:
 
 # --- the layer --------------------------------------------------------------------------------------------------
 class QuantDense(nn.Dense):
-    """nn.Dense with a quantized kernel ``{"qvalue" [in, out], "scale"}``: the same call and bias. ``names``: the
+    """nn.Dense with a quantized kernel ``{"qvalue" [in, out], "scale"[, "zero_point"]}``: the same call and bias. ``names``: the
     kernel's logical axes (the scale's follow, `QuantConfig.scale_names`). A subclass of nn.Dense so that a
     Dense subclass that adds to ``super().__call__`` (the LoRA layer) composes with it (`with_quantized_kernel`)."""
 
@@ -261,11 +289,12 @@ class QuantDense(nn.Dense):
 
         def init(key):
             k = quantize_kernel(nn.initializers.lecun_normal()(key, shape, jnp.float32), q, jnp.float32)
-            return {"qvalue": nn.Partitioned(k["qvalue"], self.names),
-                    "scale": nn.Partitioned(k["scale"], q.scale_names(self.names))}
+            return {name: nn.Partitioned(v, self.names if name == "qvalue" else q.scale_names(self.names))
+                    for name, v in k.items()}
 
         kernel = self.param("kernel", init)
-        w = qwix.QArray(kernel["qvalue"], kernel["scale"].astype(self.dtype), qtype=q.qtype)
+        w = qwix.QArray(kernel["qvalue"], kernel["scale"].astype(self.dtype), kernel.get("zero_point"),
+                        qtype=q.qtype)
         # Weight-only: qwix dequantizes the weight and multiplies in the compute dtype (its input-dequantizing
         # path for a float lhs), which XLA on GPU/TPU can fuse into the matmul's operand read.
         y = qwix.dot_general(inputs.astype(self.dtype), w, (((inputs.ndim - 1,), (0,)), ((), ())))
@@ -284,4 +313,4 @@ def with_quantized_kernel(dense_cls: type) -> type:
 
 
 __all__ = ["QuantConfig", "QuantDense", "with_quantized_kernel", "QUANT_MODES", "make_quant_config", "is_quantized_kernel", "check_tiles",
-           "quantize_kernel", "dequantize_kernel", "leaf_bytes", "is_quantized_leaf"]
+           "quantize_kernel", "dequantize_kernel", "leaf_bytes", "is_quantized_leaf", "keeps_int_dtype"]

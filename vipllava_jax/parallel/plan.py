@@ -26,7 +26,7 @@ from ..models.config import VipLlavaConfig
 from ..models.llama import KVCache
 from ..models.params import abstract_param_tree, flat_paths
 from ..models.presets import PRESETS
-from ..models.quantize import LM_LINEARS, leaf_bytes, make_quant_config
+from ..models.quantize import LM_LINEARS, keeps_int_dtype, leaf_bytes, make_quant_config
 from .mesh import batch_divisor, check_mesh_fits, mesh_sizes, parse_mesh_spec
 from .rules import MESH_AXES
 from .shardings import cache_shardings, logical_spec, shard_shape
@@ -193,7 +193,7 @@ def param_bytes_per_device(config: VipLlavaConfig, mesh, dtype=jnp.bfloat16, *,
                            skip: tuple[str, ...] = ()) -> tuple[int, int, int, dict]:
     """(param count, total bytes, per-device bytes, per-device bytes by top-level module) from jax.eval_shape.
     A quantized kernel (``config.quantization``) counts its int8/int4 values (int4: half a byte each, as XLA
-    packs them) and its scales in ``dtype``; scales are not counted as parameters. ``skip``: top-level groups
+    packs them) its scales in ``dtype`` and its zero points as int4; scales and zero points are not counted as parameters. ``skip``: top-level groups
     left out (the trained ones, which a training plan counts as fp32 master copies)."""
     sizes, _ = _mesh_arg(mesh, None)
     dt = _dtype(dtype)
@@ -203,8 +203,8 @@ def param_bytes_per_device(config: VipLlavaConfig, mesh, dtype=jnp.bfloat16, *,
         if path.split("/", 1)[0] in skip:
             continue
         shape = tuple(v.value.shape)
-        leaf_dt = v.value.dtype if path.endswith("/kernel/qvalue") else dt
-        count += 0 if path.endswith("/kernel/scale") else math.prod(shape)
+        leaf_dt = v.value.dtype if keeps_int_dtype(path) else dt
+        count += 0 if path.endswith(("/kernel/scale", "/kernel/zero_point")) else math.prod(shape)
         total += leaf_bytes(shape, leaf_dt)
         b = leaf_bytes(shard_shape(shape, logical_spec(tuple(v.names)), sizes), leaf_dt)
         per += b
