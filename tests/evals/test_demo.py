@@ -217,9 +217,9 @@ def test_full_recipe_retrains_the_shipped_accuracy(run_python, tmp_path):
     2-core CPU (21 on a slower one).
 
     The run is bitwise deterministic on one machine (two short runs, one beside the other, gave equal weights; the
-    code of 2026-12-06 and of 2026-12-07 too), but XLA:CPU's kernels differ between processors, so the weights
-    and the accuracy do too: 90.5% on the machine that trained the shipped model (its weights bitwise reproduced
-    from a fresh clone), 88.5% on 2026-12-07's (AMD EPYC, AVX2), whose slow suite ran it."""
+    code of 2026-12-06 and of 2026-12-07 too), so what differs between machines is the machine: XLA:CPU compiles
+    its kernels for the processor it runs on. 90.5% on the machine that trained the shipped model (its weights
+    bitwise reproduced from a fresh clone), 88.5% on 2026-12-07's (AMD EPYC, AVX2)."""
     r = run_python([ROOT / "train" / "train_demo.py", "--work", tmp_path], full_opt=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
