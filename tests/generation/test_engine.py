@@ -6,7 +6,9 @@ Cheap by design (the default suite is at its time limit): one engine (4 slots, 6
 buckets 32 and 64) warmed up once per module; reference prompts keep to two of `generate`'s buckets."""
 import collections
 import functools
+import math
 import queue
+import re
 import threading
 import time
 
@@ -330,8 +332,6 @@ def test_decode_chunk_reads_the_cache_in_place(engine):
     """The compiled decode chunk (all slots) writes each layer's KV cache in place and makes no other buffer of
     its size: no transposed copy for the attention matmuls (the [B, S, K, H] layout made XLA write one per layer
     per step), no second copy of it."""
-    import math
-    import re
     state = engine._state
     rows = engine.max_batch
     text = engine._decode[rows].lower(engine.params, state, np.ones((rows,), bool)).compile().as_text()

@@ -199,25 +199,26 @@ INT4_CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
 @functools.partial(jax.jit, static_argnames=("quant", "dtype"))
 def _quantize(w, quant: QuantConfig, dtype):
     how = quant.how(w.ndim)
+    if quant.mode != "int4":
+        q = qarray.quantize(w, how)
+        out = {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
+        return out if q.zero_point is None else {**out, "zero_point": q.zero_point}
+
     cal = qarray.calibrate(w, how)  # {"absmax"} or {"min", "max"}, each the scale's shape
     scale_shape = next(iter(cal.values())).shape
 
     def scale_zero(f):  # the scale and zero point (None: symmetric) with the range scaled by f
         return qarray.compute_scale_zero_point({k: v * f for k, v in cal.items()}, how.qtype)
 
-    if quant.mode != "int4":
-        scale, zero = scale_zero(1.0)
-        q = qarray.quantize_with_scale_zero_point(w, how.qtype, scale, zero, how.noise_fn)
-        out = {"qvalue": q.qvalue, "scale": q.scale.astype(dtype)}
-        return out if zero is None else {**out, "zero_point": zero}
-
     tiles = w.reshape(w.shape[:-2] + (scale_shape[-2], -1, w.shape[-1]))  # [.., in/tile, tile, out]
     lo, hi = (float(x) for x in (jnp.iinfo(how.qtype).min, jnp.iinfo(how.qtype).max))
 
-    def err(f):  # each tile's squared error at range factor f, in one fusion (no full-size temporaries)
+    def tile_grid(f):  # (scale, zero point or None, and both shaped to broadcast over `tiles`)
         scale, zero = scale_zero(f)
-        step = scale[..., None, :]
-        z = 0.0 if zero is None else zero.astype(jnp.float32)[..., None, :]
+        return scale, zero, scale[..., None, :], 0.0 if zero is None else zero.astype(jnp.float32)[..., None, :]
+
+    def err(f):  # each tile's squared error at range factor f, in one fusion (no full-size temporaries)
+        _, _, step, z = tile_grid(f)
         # codes - zero: the zero point (an integer) moved into the clip bounds, so that no full-size broadcast of
         # it is kept (it rounds differently from the final codes only at exact ties, which do not matter here)
         return jnp.sum(jnp.square(jnp.clip(jnp.round(tiles / step), lo - z, hi - z) * step - tiles), axis=-2)
@@ -229,11 +230,10 @@ def _quantize(w, quant: QuantConfig, dtype):
 
     grid = jnp.asarray(INT4_CLIP_GRID, jnp.float32)
     f, _ = jax.lax.fori_loop(1, len(INT4_CLIP_GRID), better, (jnp.ones(scale_shape, jnp.float32), err(1.0)))
-    scale, zero = scale_zero(f)
-    z = 0.0 if zero is None else zero.astype(jnp.float32)[..., None, :]
+    scale, zero, step, z = tile_grid(f)
     # round to nearest and clip, as qwix's convert_to does (its quantize_with_scale_zero_point kept two full-size
     # float temporaries here)
-    codes = jnp.clip(jnp.round(tiles / scale[..., None, :] + z), lo, hi).astype(how.qtype).reshape(w.shape)
+    codes = jnp.clip(jnp.round(tiles / step + z), lo, hi).astype(how.qtype).reshape(w.shape)
     out = {"qvalue": codes, "scale": scale.astype(dtype)}
     return out if zero is None else {**out, "zero_point": zero}  # zero points in the qtype (qwix's convention)
 
