@@ -18,7 +18,8 @@ API (all methods thread-safe; each ``Request`` has one consumer):
 
 * ``Engine(module, params, processor=None, *, max_batch=16, max_model_len=None, chunk=8, mesh=None,
   prefill_buckets=None, image_buckets=None, batch_buckets=None, max_queue=64, rules=LOGICAL_AXIS_RULES,
-  channel=None)``. ``processor``: a `data.Processor` (its EOS id is the default EOS, its tokenizer builds the stop-string tables); None: the checkpoint's EOS, no stop strings.
+  channel=None)``. ``processor``: a `data.Processor` (its EOS id is the default EOS, its tokenizer builds the
+  stop-string tables); None: the checkpoint's EOS, no stop strings.
   ``max_model_len``: slots per row of the KV cache, prompt and new tokens together (default and upper bound:
   the model's max_position_embeddings). ``chunk``: decode steps per device call (new requests join and
   finished ones leave between chunks). ``prefill_buckets``: prompt lengths prefill compiles for (default 16, 32,
