@@ -178,6 +178,25 @@ def test_eos_and_stop_strings_end_a_request(engine, tiny_model, tiny_processor):
     assert_no_compile(engine)
 
 
+def test_a_chunk_ends_when_every_row_is_done(engine, tiny_model):
+    """A decode chunk stops at the step where its last active row draws an EOS id or its last allowed token,
+    not after ``chunk`` steps: the ring's write index (one slot per step) moves by exactly the steps needed, and
+    the answers are `generate`'s."""
+    rng = np.random.default_rng(5)  # the eos test's prompt and reference (compiled already)
+    ids, pix = make_prompt(rng, 2, True)
+    free = reference(tiny_model, ids, pix, 12)
+    p = 3 if free[3] not in free[:3] else 1  # a chunk of 4 steps ends after p steps
+
+    def steps(**kw):
+        before = int(engine._state.cache.index)
+        got = engine.submit(ids, pix, **kw).result(60)
+        return got, (int(engine._state.cache.index) - before) % KW["max_model_len"]
+
+    assert steps(max_new_tokens=12, eos_token_id=free[p]) == (free[: p + 1], p)  # token 0 comes from prefill
+    assert steps(max_new_tokens=6, eos_token_id=[]) == (free[:6], 5)  # a whole chunk of 4, then 1 step
+    assert_no_compile(engine)
+
+
 def test_a_failing_request_fails_alone(engine, tiny_model):
     rng = np.random.default_rng(3)
     ids, pix = make_prompt(rng, 2, True)
@@ -334,7 +353,8 @@ def test_decode_chunk_reads_the_cache_in_place(engine):
     per step), no second copy of it."""
     state = engine._state
     rows = engine.max_batch
-    text = engine._decode[rows].lower(engine.params, state, np.ones((rows,), bool)).compile().as_text()
+    args = engine._decode_args(np.zeros((rows,), bool))
+    text = engine._decode[rows].lower(engine.params, state, *args).compile().as_text()
     k = state.cache.k[0]
     size = math.prod(k.shape)
     big = []

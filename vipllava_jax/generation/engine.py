@@ -71,11 +71,12 @@ How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket,
   decoder into a fresh [K, Tb] cache, the first tokens chosen, and each prompt's keys and values written into
   its slot's row of the ring, rolled so that they end at the shared write index (the rest of the row masked
   out). The first tokens go to their requests at once (before the next chunk), and a request may end there.
-* Decode chunk (one jitted call, the state donated): ``chunk`` steps for the first R slots, R the smallest
-  batch bucket holding every busy slot (free slots are taken lowest first); inactive slots among them are
-  masked (their tokens ignored, their positions held at 0). Tokens [R, chunk] come back to the host once per
-  chunk; EOS, stop strings (the device automaton's tables, run on the host) and max_new_tokens are checked
-  there, and tokens after a row's end are dropped. A finished slot's keys and values stay until the next
+* Decode chunk (one jitted call, the state donated): up to ``chunk`` steps for the first R slots, R the
+  smallest batch bucket holding every busy slot (free slots are taken lowest first); inactive slots among them
+  are masked (their tokens ignored, their positions held at 0). The chunk's loop ends early once every active
+  row has drawn an EOS id or its max_new_tokens (so a two-token answer pays for one step, not ``chunk``).
+  Tokens [R, chunk] come back to the host once per chunk; EOS, stop strings (the device automaton's tables, run
+  on the host) and max_new_tokens are checked there, and tokens after a row's end are dropped. A finished slot's keys and values stay until the next
   request's admission overwrites its whole row.
 * A request needs prompt + new - 1 ring slots; the ring holds S, so requests never overwrite their own
   tokens. Greedy output equals `generate` for that request alone, whatever runs beside it (rows never mix:
@@ -219,16 +220,20 @@ def _admit_fn(module):
 
 
 def _decode_fn(module, chunk: int, rows: int):
-    """``chunk`` decode steps for the first ``rows`` slots (a bucket holding every busy slot): those rows of the
-    state are sliced out once, decoded, and written back, so a lightly loaded engine pays for few rows."""
-    def decode(params, state: SlotState, active):
+    """Up to ``chunk`` decode steps for the first ``rows`` slots (a bucket holding every busy slot): those rows of
+    the state are sliced out once, decoded, and written back, so a lightly loaded engine pays for few rows. The
+    loop ends early once every active row is done: it drew one of its ``eos`` ids [B, E] (-1 pads) or its
+    ``budget`` [B] of tokens (a short answer does not pay for a whole chunk). Returns the state and the tokens
+    [rows, chunk], -1 after the last step run."""
+    def decode(params, state: SlotState, active, budget, eos):
         s_max = state.cache.max_len
         full = state
         if rows < state.last.shape[0]:
             state = jax.tree.map(lambda a: a[:rows] if a.ndim else a, state)
-            active = active[:rows]
+            active, budget, eos = active[:rows], budget[:rows], eos[:rows]
 
-        def step(s: SlotState, _):
+        def body(carry):
+            i, s, live, toks = carry
             out = module.apply({"params": params}, s.last[:, None], None, active[:, None].astype(jnp.int32),
                                position_ids=s.positions[:, None], cache=s.cache)
             tok = select_slot_tokens(out.logits[:, -1], s.temperature, s.top_p, s.seeds, s.steps)
@@ -236,13 +241,16 @@ def _decode_fn(module, chunk: int, rows: int):
             # Steps past a row's end (within a chunk) are dropped on the host; their positions are held below
             # the cache length so no RoPE variant sees a position beyond the context.
             pos = jnp.where(active, jnp.minimum(s.positions + 1, s_max - 1), 0)
-            return s.replace(cache=out.cache, last=tok, positions=pos, steps=s.steps + 1), tok
+            live = live & ~jnp.any(tok[:, None] == eos, axis=1) & (i + 1 < budget)
+            toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
+            return i + 1, s.replace(cache=out.cache, last=tok, positions=pos, steps=s.steps + 1), live, toks
 
-        state, toks = jax.lax.scan(step, state, None, length=chunk)
+        carry = (jnp.int32(0), state, active & (budget > 0), jnp.full((rows, chunk), -1, jnp.int32))
+        _, state, _, toks = jax.lax.while_loop(lambda c: (c[0] < chunk) & jnp.any(c[2]), body, carry)
         if rows < full.last.shape[0]:
             state = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim) if a.ndim else b,
                                  full, state)
-        return state, toks.T
+        return state, toks
 
     return decode
 
@@ -474,6 +482,7 @@ class Engine:
         vc = cfg.vision
         self.pixel_shape = (vc.num_channels, vc.image_size, vc.image_size)
         self.eos = eos_ids(cfg, processor.eos_token_id if processor is not None else None)
+        self.eos_width = max(4, len(self.eos))  # EOS ids per row a decode chunk checks (a request's first ones)
         pad = pad_id(cfg, processor.pad_token_id if processor is not None else None, self.eos)
         self.pad = 0 if pad == cfg.image_token_index else pad
 
@@ -609,7 +618,8 @@ class Engine:
         return tuple(None if a is None else put_global(np.asarray(a), rep) for a in args)
 
     def _run(self, kind: str, *args):
-        """One device call on the state: ("init",), ("admit", packed args) or ("decode", rows, active). The
+        """One device call on the state: ("init",), ("admit", packed args) or ("decode", rows, active, budget,
+        eos) (`_decode_args`). The
         leader of a multi-host engine sends it to the followers first. Returns the call's tokens (or None)."""
         if self._channel is not None and not self._following:
             self._channel.send((kind,) + args)
@@ -618,7 +628,7 @@ class Engine:
         elif kind == "admit":
             self._state, toks = self._admit(self.params, self._state, *self._placed(args[0]))
         elif kind == "decode":
-            self._state, toks = self._decode[args[0]](self.params, self._state, *self._placed((args[1],)))
+            self._state, toks = self._decode[args[0]](self.params, self._state, *self._placed(args[1:]))
         elif kind != "noop":
             raise ValueError(f"unknown engine call {kind!r}")
         else:
@@ -707,9 +717,9 @@ class Engine:
                         continue
                     args = self._pack([(self.max_batch, ids, pix, 0, 0.0, 1.0)] * k, tb=tb, ib=ni)
                     self._state, tok = self._admit(self.params, self._state, *self._placed(args))
-        for rows in self.batch_buckets:
-            self._state, toks = self._decode[rows](self.params, self._state,
-                                                   *self._placed((np.zeros((self.max_batch,), bool),)))
+        idle = self._decode_args(np.zeros((self.max_batch,), bool))
+        for rows in self.batch_buckets:  # compiles each; runs no step (no row is active)
+            self._state, toks = self._decode[rows](self.params, self._state, *self._placed(idle))
         jax.block_until_ready(toks)
 
     def _plan(self) -> Plan | None:
@@ -767,6 +777,22 @@ class Engine:
         if not np.isfinite(p).all():
             raise ValueError("pixel_values hold NaN or infinite values")
         return p
+
+    def _decode_args(self, active: np.ndarray) -> tuple:
+        """A decode chunk's host arguments: ``active`` [B] bool, ``budget`` [B] int32 (the tokens each active
+        request may still take) and ``eos`` [B, E] int32 (its first E EOS ids, -1 padded). A row the device
+        finds done (an EOS or its budget) is done on the host too: the chunk may end early; stop strings are the
+        host's alone."""
+        budget = np.zeros((self.max_batch,), np.int32)
+        eos = np.full((self.max_batch, self.eos_width), -1, np.int32)
+        for slot in np.nonzero(active)[0]:
+            r = self._slots[slot]
+            if r is None:
+                continue
+            budget[slot] = max(0, r.max_new_tokens - len(r._tokens))
+            ids = r._eos[:self.eos_width]
+            eos[slot, :len(ids)] = ids
+        return active, budget, eos
 
     def _pack(self, entries, tb: int | None = None, ib: int | None = None) -> tuple:
         """The admit call's arguments for ``entries`` [(slot, prompt ids [n], images [I, ...] or None, seed,
@@ -849,7 +875,7 @@ class Engine:
             return
         rows = next(b for b in self.batch_buckets if b > int(np.nonzero(active)[0][-1]))
         try:
-            toks = self._host(self._run("decode", rows, active))
+            toks = self._host(self._run("decode", rows, *self._decode_args(active)))
         except Exception as e:  # noqa: BLE001 - a failed chunk fails the running requests, the engine goes on
             log.exception("decode chunk failed")
             for slot, r in enumerate(self._slots):
@@ -858,7 +884,7 @@ class Engine:
             self._check_state()
             return
         self._counts["chunks"] += 1
-        self._deliver({int(slot): toks[slot].tolist() for slot in np.nonzero(active)[0]})
+        self._deliver({int(slot): [t for t in toks[slot].tolist() if t >= 0] for slot in np.nonzero(active)[0]})
 
     def _deliver(self, by_slot: dict[int, list[int]]):
         """Hand each slot's new tokens to its request (up to its end: EOS, a stop string, max_new_tokens); a
