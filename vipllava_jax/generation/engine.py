@@ -195,17 +195,18 @@ def _admit_fn(module):
         out = module.apply({"params": params}, ids, pixel_values, mask, cache=cache, last_token_only=True,
                            image_valid=image_valid)
         tokens = select_slot_tokens(out.logits[:, -1], temperature, top_p, seeds, jnp.zeros((k,), jnp.int32))
-        shift = (state.cache.index - tb) % s
+        # The prompt's Tb slots end at the write index, wrapping around the ring: only those positions of each
+        # row are written (the row's other keys and values stay, masked out: a masked slot's weight is exactly 0).
+        pos = (state.cache.index - tb + jnp.arange(tb)) % s  # [Tb]
 
-        def put(big, small, axis):  # big [B, .., S, ..], small [K, .., Tb, ..] (slots on `axis`) -> rows `slots`
-            rows = jnp.zeros((k,) + big.shape[1:], big.dtype)  # = small rolled to end at the write index
-            rows = jax.lax.dynamic_update_slice_in_dim(rows, small.astype(big.dtype), 0, axis)
-            return big.at[slots].set(jnp.roll(rows, shift, axis=axis), mode="drop")
+        def put(big, small):  # big [B, K, S, H] <- small [k, K, Tb, H] at rows `slots`, positions `pos`
+            return big.at[slots[:, None], :, pos[None, :]].set(small.swapaxes(1, 2).astype(big.dtype), mode="drop")
 
         c = state.cache  # k, v [B, K, S, H]; mask [B, S]
-        ring = c.replace(k=tuple(put(a, b, 2) for a, b in zip(c.k, out.cache.k)),
-                         v=tuple(put(a, b, 2) for a, b in zip(c.v, out.cache.v)),
-                         mask=put(c.mask, out.cache.mask, 1))
+        rows = jnp.zeros((k, s), c.mask.dtype).at[:, pos].set(out.cache.mask)
+        ring = c.replace(k=tuple(put(a, b) for a, b in zip(c.k, out.cache.k)),
+                         v=tuple(put(a, b) for a, b in zip(c.v, out.cache.v)),
+                         mask=c.mask.at[slots].set(rows, mode="drop"))
         n = jnp.sum(mask, axis=1).astype(jnp.int32)
 
         def set_(a, x):
