@@ -55,7 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=str(DEMO_MODEL), help="model directory (default: the shipped demo model)")
     ap.add_argument("--concurrency", default="1,8,16,32", help="comma-separated numbers of concurrent clients")
     ap.add_argument("--max-tokens", default="8,64", help="comma-separated max_tokens settings")
-    ap.add_argument("--requests", type=int, default=48, help="requests per (server, max_tokens, concurrency) cell")
+    ap.add_argument("--requests", type=int, default=256,
+                    help="requests per (server, max_tokens, concurrency) cell (fewer: at 16-32 clients the cell is "
+                         "over in a second or less, and its start, all clients at once, weighs on it)")
     ap.add_argument("--cell-timeout", type=float, default=120.0, help="seconds per cell before no new request starts")
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to be ready")
     ap.add_argument("--max-batch", type=int, default=16, help="our server's decode slots")

@@ -21,6 +21,8 @@ from vipllava_jax.generation.engine import Engine, EngineStopped, QueueFull, Req
 from vipllava_jax.parallel import make_mesh
 from vipllava_jax.testing import TINY_IMAGE_TOKEN
 
+# One worker runs the whole module: its warmed-up engine fixture (the costliest setup here) is built once.
+pytestmark = pytest.mark.xdist_group("engine")
 KW = dict(max_batch=4, max_model_len=64, chunk=4, prefill_buckets=(32, 64))
 SEQ = 25  # image tokens per image (the tiny processor's)
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"

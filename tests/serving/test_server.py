@@ -27,6 +27,8 @@ from vipllava_jax.generation.engine import Engine
 from vipllava_jax.serving import create_app
 from vipllava_jax.serving.server import ServerThread
 
+# One worker runs the whole module: its warmed-up engine fixture (the costliest setup here) is built once.
+pytestmark = pytest.mark.xdist_group("server")
 KW = dict(max_batch=4, max_model_len=96, chunk=4, prefill_buckets=(96,))
 MODEL = "tiny"
 NEW = 8  # max_tokens of every compared request (one `generate` bucket)
