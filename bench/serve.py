@@ -19,8 +19,11 @@ Reported (client-side wall time, time.perf_counter):
   tok_s       output tokens per second (usage.completion_tokens; content chunks where a server sends no usage)
   ttft p50/p99 seconds from sending a request to its first content
   itl p50/p99  per request: (last content - first content) / (tokens - 1), seconds per token
+  cpu srv/cli  CPU time (user + system) per finished request over the cell: the server process (all its threads;
+               from /proc, Linux only) and this client process. Client and server share the machine's cores, so
+               with the CPUs busy, req_s can grow with concurrency only as far as batching lowers the sum.
 Ratios: our req_s at each concurrency over our req_s at concurrency 1; our best req_s over theirs (best of any
-concurrency); our p99 TTFT at the highest concurrency over our median TTFT at concurrency 1.
+concurrency); our p99 TTFT at each concurrency over our median TTFT at concurrency 1.
 """
 from __future__ import annotations
 
@@ -180,18 +183,33 @@ async def drive(url: str, reqs: list[dict], concurrency: int, timeout: float) ->
             "answers": [r["text"] for r in results[:3]]}
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), or None without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(server: Server, model_name: str, args, concs, max_tokens) -> list[dict]:
     rows = []
     for mt in max_tokens:
         reqs = payloads(model_name, args.requests, mt)
         asyncio.run(drive(server.url, reqs[:2], 1, 120))  # warm-up (transformers serve loads lazily)
         for c in concs:
+            srv0, cli0 = process_cpu_s(server.proc.pid), time.process_time()
             res = asyncio.run(drive(server.url, reqs, c, args.cell_timeout))
+            srv1, cli1 = process_cpu_s(server.proc.pid), time.process_time()
+            n = max(res["n"], 1)
+            res["cpu_server_ms"] = None if srv0 is None or srv1 is None else (srv1 - srv0) * 1000 / n
+            res["cpu_client_ms"] = (cli1 - cli0) * 1000 / n
             row = {"impl": server.name, "max_tokens": mt, "concurrency": c, **res}
             rows.append(row)
             print(f"  {server.name:>12}  max_tokens {mt:>3}  clients {c:>3}: {res['n']:>3} req in "
                   f"{res['wall_s']:6.1f} s  {res['req_s']:7.2f} req/s  {res['tok_s']:8.1f} tok/s  ttft p50 "
-                  f"{_f(res['ttft_p50'])} p99 {_f(res['ttft_p99'])}  itl p50 {_f(res['itl_p50'])}"
+                  f"{_f(res['ttft_p50'])} p99 {_f(res['ttft_p99'])}  itl p50 {_f(res['itl_p50'])}  cpu/req server "
+                  f"{_ms(res['cpu_server_ms'])} client {_ms(res['cpu_client_ms'])}"
                   f"{'  errors ' + str(res['errors']) + ': ' + str(res['first_error'])[:200] if res['errors'] else ''}",
                   flush=True)
     return rows
@@ -199,6 +217,10 @@ def measure(server: Server, model_name: str, args, concs, max_tokens) -> list[di
 
 def _f(x):
     return "   -   " if x is None else f"{x * 1000:6.1f}ms"
+
+
+def _ms(x):
+    return "   -   " if x is None else f"{x:6.2f}ms"
 
 
 def main(argv=None) -> int:
@@ -245,11 +267,11 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(), "model": args.model, "requests": args.requests}
     print(f"\n{meta}")
     print(f"{'impl':>12} {'max_tok':>7} {'clients':>7} {'n':>4} {'req/s':>8} {'tok/s':>8} {'ttft p50':>9} "
-          f"{'ttft p99':>9} {'itl p50':>9} {'itl p99':>9}")
+          f"{'ttft p99':>9} {'itl p50':>9} {'itl p99':>9} {'cpu srv':>9} {'cpu cli':>9}")
     for r in rows:
         print(f"{r['impl']:>12} {r['max_tokens']:>7} {r['concurrency']:>7} {r['n']:>4} {r['req_s']:8.2f} "
               f"{r['tok_s']:8.1f} {_f(r['ttft_p50']):>9} {_f(r['ttft_p99']):>9} {_f(r['itl_p50']):>9} "
-              f"{_f(r['itl_p99']):>9}")
+              f"{_f(r['itl_p99']):>9} {_ms(r['cpu_server_ms']):>9} {_ms(r['cpu_client_ms']):>9}")
     print("\nratios:")
     for mt in max_tokens:
         mine = {r["concurrency"]: r for r in rows if r["impl"] == "vipllava-jax" and r["max_tokens"] == mt}
@@ -259,10 +281,10 @@ def main(argv=None) -> int:
                 if c in mine:
                     print(f"  max_tokens {mt}: ours at {c} clients / ours at 1 client: "
                           f"{mine[c]['req_s'] / mine[1]['req_s']:.2f}x requests/s")
-            top = max(concs)
-            if top in mine and mine[1]["ttft_p50"] and mine[top]["ttft_p99"]:
-                print(f"  max_tokens {mt}: ours p99 TTFT at {top} clients / median TTFT at 1 client: "
-                      f"{mine[top]['ttft_p99'] / mine[1]['ttft_p50']:.2f}x")
+            for c in concs[1:]:
+                if c in mine and mine[1]["ttft_p50"] and mine[c]["ttft_p99"]:
+                    print(f"  max_tokens {mt}: ours p99 TTFT at {c} clients / median TTFT at 1 client: "
+                          f"{mine[c]['ttft_p99'] / mine[1]['ttft_p50']:.2f}x")
         if theirs and mine:
             best_t = max(r["req_s"] for r in theirs)
             best_o = max(r["req_s"] for r in mine.values())
