@@ -83,9 +83,9 @@ How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket,
   RoPE positions are per slot; attention only reads the row's own mask).
 * Cost: a decode step runs R slots (masked, not skipped, when idle among them) and attends over the whole
   S-slot row of each, so its cache reads grow with max_model_len, not with the requests' lengths: size S to the
-  load. Measured (2-core CPU shared with other work, the demo model, 36-token prompts with an image, B 16,
-  S 128, chunk 8): a decode chunk 1.9 ms at R 1, 5.0 at R 4, 15 at R 16; a prefill 3.1 ms at K 1, 8.2 at K 4,
-  22 at K 16.
+  load. Measured (idle 2-core CPU, 2026-12-07, the demo model, B 16, S 128, chunk 8): a whole decode chunk
+  1.0 ms at R 1, 1.4 at R 4, 3.6 at R 16 (a chunk ended after one step: 0.4-0.6 ms); an admission of K
+  41-token prompts with an image each (bucket 64) 2.4 ms at K 1, 6.2 at K 4, 16.5 at K 16.
 * The host loop is ``plan = self._plan()`` (all scheduling decisions: admissions into free slots, which slots
   decode, cancellations, the stop) then ``self._execute(plan)`` (device calls and token delivery).
 * Multi-host: every process builds the same Engine with ``mesh`` over all devices and ``channel`` (a
