@@ -69,15 +69,16 @@ How it runs (shapes: B = max_batch slots, S = max_model_len, Tb a prompt bucket,
   vision tower, projector and the prompts [K, Tb] (left padded to the longest one's bucket, K padded to a batch
   bucket with rows whose writes are dropped, images in row order padded with ``image_valid``) through the
   decoder into a fresh [K, Tb] cache, the first tokens chosen, and each prompt's keys and values written into
-  its slot's row of the ring, rolled so that they end at the shared write index (the rest of the row masked
-  out). The first tokens go to their requests at once (before the next chunk), and a request may end there.
+  its slot's row of the ring at the Tb positions that end at the shared write index (wrapping around; the row's
+  mask is reset, so the rest of the row is masked out). The first tokens go to their requests at once (before
+  the next chunk), and a request may end there.
 * Decode chunk (one jitted call, the state donated): up to ``chunk`` steps for the first R slots, R the
   smallest batch bucket holding every busy slot (free slots are taken lowest first); inactive slots among them
   are masked (their tokens ignored, their positions held at 0). The chunk's loop ends early once every active
   row has drawn an EOS id or its max_new_tokens (so a two-token answer pays for one step, not ``chunk``).
   Tokens [R, chunk] come back to the host once per chunk; EOS, stop strings (the device automaton's tables, run
-  on the host) and max_new_tokens are checked there, and tokens after a row's end are dropped. A finished slot's keys and values stay until the next
-  request's admission overwrites its whole row.
+  on the host) and max_new_tokens are checked there, and tokens after a row's end are dropped. A finished
+  slot's keys and values stay until the next request's admission resets the row's mask.
 * A request needs prompt + new - 1 ring slots; the ring holds S, so requests never overwrite their own
   tokens. Greedy output equals `generate` for that request alone, whatever runs beside it (rows never mix:
   RoPE positions are per slot; attention only reads the row's own mask).
@@ -620,8 +621,8 @@ class Engine:
 
     def _run(self, kind: str, *args):
         """One device call on the state: ("init",), ("admit", packed args) or ("decode", rows, active, budget,
-        eos) (`_decode_args`). The
-        leader of a multi-host engine sends it to the followers first. Returns the call's tokens (or None)."""
+        eos) (`_decode_args`). The leader of a multi-host engine sends it to the followers first. Returns the
+        call's tokens (or None)."""
         if self._channel is not None and not self._following:
             self._channel.send((kind,) + args)
         if kind == "init":
